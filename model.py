@@ -1,0 +1,532 @@
+"""The GPT model: chapter "pre-training", part one (what is being trained).
+
+One file holds the whole network, readable top to bottom:
+
+    config   GPTConfig and the named presets (GPT-2 family, small CPU-sized ones)
+    parts    norms, rotary positions, causal self-attention (with GQA and a KV cache), the MLP, a block
+    GPT      embeddings -> n_layer blocks -> final norm -> logits and the loss
+    extras   sampling and generation with a KV cache, loading GPT-2 weights, FLOPs and MFU
+
+The defaults reproduce GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), so its
+weights load as a straight copy. The switches in GPTConfig turn it into a modern decoder: rotary
+positions (RoPE), RMSNorm, SwiGLU or ReLU^2 MLPs, grouped-query attention, QK-norm, logit soft-capping.
+
+Try it:
+
+    python model.py                      # builds the `tiny` preset and samples from it (untrained)
+    python -m pytest -q tests/test_model.py
+
+Training lives in train.py; this file has no training code.
+"""
+import json
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+# --- config ---
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50257         # tokens in the vocabulary (GPT-2: 50257)
+    block_size: int = 1024          # longest sequence the model sees, in tokens
+    n_layer: int = 12               # transformer blocks
+    n_head: int = 12                # query heads
+    n_kv_head: int | None = None    # key/value heads; None = n_head (multi-head), 1 = multi-query, else grouped
+    n_embd: int = 768               # width of the residual stream
+    dropout: float = 0.0            # dropout probability on embeddings, attention and residual branches
+    bias: bool = True               # biases in Linear layers and LayerNorm (GPT-2: True)
+    pos: str = "learned"            # "learned" absolute positions (GPT-2) or "rope" rotary positions
+    rope_theta: float = 10000.0     # RoPE base wavelength
+    norm: str = "layernorm"         # "layernorm" (GPT-2) or "rmsnorm"
+    norm_eps: float = 1e-5          # epsilon inside the norms
+    mlp: str = "gelu"               # "gelu" (GPT-2), "swiglu" (LLaMA) or "relu2" (squared ReLU, Primer)
+    mlp_hidden: int | None = None   # MLP inner width; None = 4*n_embd, or 8/3*n_embd rounded up to 64 for swiglu
+    tie_embeddings: bool = True     # lm_head shares its weight with the token embedding wte
+    qk_norm: bool = False           # RMSNorm on queries and keys per head before attention
+    logit_softcap: float | None = None  # cap logits smoothly at +-this value with tanh; None = off
+    attn: str = "sdpa"              # "sdpa" (PyTorch fused), "naive" (readable reference), "triton" (kernels/)
+    kernels: str = "torch"          # "torch" or "triton": norms and the fused linear cross-entropy from kernels/
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
+                   "attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"GPTConfig.{name}={getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"rope needs an even head dim, got n_embd/n_head={self.n_embd // self.n_head}")
+        if self.attn == "triton" and self.dropout > 0:
+            raise ValueError(f"attn='triton' has no attention dropout; use dropout=0 (got {self.dropout})")
+
+
+# Named sizes. The GPT-2 family matches OpenAI's checkpoints; the small ones are for CPUs and tests.
+PRESETS = {
+    "tiny": dict(n_layer=2, n_head=4, n_embd=96, block_size=64, vocab_size=512),       # ~0.27M params, for tests
+    "mini": dict(n_layer=4, n_head=4, n_embd=128, block_size=256, vocab_size=4096),    # ~1.3M, CPU in minutes
+    "small": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=8192),   # ~14M, CPU in an hour
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768),                                   # 124M
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024),                           # 350M
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280),                            # 774M
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600),                               # 1558M
+}
+
+
+def config_from_preset(name, **overrides):
+    """GPTConfig for a named preset, with any field overridden (`config_from_preset("tiny", pos="rope")`)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    return GPTConfig(**{**PRESETS[name], **overrides})
+
+
+def _triton_kernels():
+    """kernels/ imports Triton, so it is loaded only when a config asks for it."""
+    from kernels import attention, cross_entropy, layernorm
+    return attention, layernorm, cross_entropy
+
+
+# --- parts: norms and rotary positions ---
+
+class Norm(nn.Module):
+    """LayerNorm (GPT-2, optional bias) or RMSNorm over the last dimension; kernels="triton" uses kernels/."""
+
+    def __init__(self, dim, kind, eps, bias, kernels="torch"):
+        super().__init__()
+        self.kind, self.eps, self.use_triton = kind, eps, kernels == "triton"
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim)) if kind == "layernorm" and bias else None
+
+    def forward(self, x):
+        if self.use_triton:
+            _, layernorm, _ = _triton_kernels()
+            if self.kind == "layernorm":
+                return layernorm.layer_norm(x, self.weight, self.bias, self.eps)
+            return layernorm.rms_norm(x, self.weight, self.eps)
+        if self.kind == "layernorm":
+            return F.layer_norm(x, (x.size(-1),), self.weight, self.bias, self.eps)
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def norm(config):
+    """The residual stream's norm as the config asks for it."""
+    return Norm(config.n_embd, config.norm, config.norm_eps, config.bias, config.kernels)
+
+
+def rope_tables(head_dim, length, theta):
+    """cos and sin tables of rotary embeddings (Su et al. 2021, RoFormer), each (length, head_dim/2).
+
+    Pair i of a head's channels is rotated by angle position * theta^(-2i/head_dim): low pairs turn
+    fast, high pairs slowly, and the dot product q.k then depends only on the distance between tokens.
+    """
+    inv_freq = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (D/2,)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)              # (length, D/2)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate x (B, H, T, D) by the tables (T, D/2); channels i and i + D/2 form a pair (the GPT-NeoX layout)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.type_as(x)
+
+
+# --- parts: attention ---
+
+def causal_mask(T_q, T_k, device):
+    """(T_q, T_k) bool, True where query i may see key j. The queries are the last T_q of T_k positions."""
+    offset = T_k - T_q
+    return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=offset)
+
+
+def naive_attention(q, k, v, mask, dropout_p=0.0):
+    """The reference: explicit scores, causal mask, softmax, weighted sum. q (B, H, T_q, D), k/v (B, H, T_k, D)."""
+    scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T_q, T_k)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    weights = F.softmax(scores.float(), dim=-1).type_as(q)
+    weights = F.dropout(weights, p=dropout_p)
+    return weights @ v                                                   # (B, H, T_q, D)
+
+
+class KVCache:
+    """Keys and values of every layer for the tokens seen so far, so each new token costs one position.
+
+    Preallocated as (n_layer, B, n_kv_head, max_len, head_dim); `pos` counts the tokens already stored.
+    GPT.forward advances `pos` after the last layer has written its keys and values.
+    """
+
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+        shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos, self.max_len = 0, max_len
+
+    def update(self, layer, k, v):
+        """Store k, v (B, H_kv, T, D) after the cached ones; return all keys and values so far."""
+        end = self.pos + k.size(2)
+        self.k[layer, :, :, self.pos:end] = k
+        self.v[layer, :, :, self.pos:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.layer_idx, self.attn, self.dropout = layer_idx, config.attn, config.dropout
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        # One matmul makes queries, keys and values: [q (n_head heads) | k (n_kv_head) | v (n_kv_head)].
+        # With n_kv_head == n_head this is exactly GPT-2's c_attn.
+        qkv_dim = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm:
+            self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, bias=False, kernels=config.kernels)
+            self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, bias=False, kernels=config.kernels)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        B, T, C = x.shape  # batch, time, channels (n_embd)
+        H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, H_kv * D, H_kv * D], dim=2)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, H_kv, D)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)  # (B, heads, T, D)
+        if rope is not None:
+            cos, sin = rope  # (T, D/2) for the positions of these T tokens
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, T_past + T, D)
+        dropout_p = self.dropout if self.training else 0.0
+        T_k = k.size(2)
+        if self.attn == "triton" and T_k == T:
+            attention, _, _ = _triton_kernels()
+            y = attention.attention(q, k, v, causal=True)
+        elif self.attn == "naive":
+            rep = H // H_kv  # each key/value head serves `rep` query heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            y = naive_attention(q, k, v, causal_mask(T, T_k, x.device), dropout_p)
+        else:
+            # SDPA's is_causal aligns the mask to the top-left corner, right only when T_q == T_k; a single
+            # decoded token sees every cached key, and a chunk after a cache needs the explicit offset mask.
+            # (triton also lands here while decoding with a cache: the kernel takes T_q == T_k only.)
+            mask = None if T_k == T or T == 1 else causal_mask(T, T_k, x.device)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                               is_causal=(T_k == T), enable_gqa=(H != H_kv))
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
+        return self.resid_dropout(self.c_proj(y))
+
+
+# --- parts: MLP and block ---
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.kind = config.mlp
+        hidden = config.mlp_hidden
+        if hidden is None:
+            # SwiGLU has three matrices instead of two, so 8/3 * n_embd keeps the parameter count of 4 * n_embd.
+            hidden = 64 * math.ceil(8 * config.n_embd / 3 / 64) if self.kind == "swiglu" else 4 * config.n_embd
+        # For SwiGLU, c_fc makes the value and the gate side by side (one matmul), split in forward.
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            value, gate = h.chunk(2, dim=-1)
+            h = value * F.silu(gate)
+        return self.dropout(self.c_proj(h))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config, layer_idx):
+        super().__init__()
+        self.ln_1 = norm(config)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = norm(config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+# --- sampling ---
+
+def filter_logits(logits, top_k=None, top_p=None):
+    """Set to -inf every logit outside the top k and outside the nucleus of probability top_p. logits (B, V).
+
+    The nucleus keeps the smallest set of most likely tokens whose probabilities sum to at least top_p:
+    a token is dropped only when the tokens ranked above it already reach top_p, so the token that
+    crosses the threshold stays, and the most likely token always survives.
+    """
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = F.softmax(sorted_logits.float(), dim=-1)
+        mass_above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly higher
+        drop_sorted = mass_above >= top_p
+        drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from logits (B, V); temperature 0 means greedy (argmax)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+
+
+# --- the GPT ---
+
+# Peak dense bf16 tensor-core FLOP/s per GPU, from the vendors' datasheets (without sparsity).
+# Matched against torch.cuda.get_device_name in this order, so "H100 PCIe" is tried before "H100".
+PEAK_BF16_FLOPS = [
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),     # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L4", 121e12),
+    ("RTX 4090", 165e12),
+]
+
+
+def peak_flops(device_name):
+    """Peak bf16 FLOP/s of a GPU by name, or None when it is not in the table (never a guess)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd) if config.pos == "learned" else None,
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
+            ln_f=norm(config),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight  # one tensor, two uses
+        if config.pos == "rope":
+            cos, sin = rope_tables(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+            # Not saved in checkpoints (persistent=False): they are a function of the config.
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.grad_checkpointing = False  # recompute each block during backward: less memory, ~30% more compute
+        self.apply(self._init_weights)
+        # GPT-2 paper, section 2.3: residual projections scaled by 1/sqrt(number of residual layers), two per block.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+        """idx (B, T) token ids -> (logits (B, T, V), loss).
+
+        targets (B, T) with -1 where no loss is wanted; reduction "mean" (over counted tokens) or "sum"
+        (a trainer divides by the global count of targets != -1). With kv_cache, idx holds only the new
+        tokens and their positions continue after the cached ones. With kernels="triton" and targets,
+        the fused loss never builds the logits and None is returned in their place.
+        """
+        B, T = idx.shape
+        start = kv_cache.pos if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        x = self.transformer.wte(idx)  # (B, T, C)
+        rope = None
+        if self.config.pos == "learned":
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+        else:
+            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        x = self.transformer.drop(x)
+        for block in self.transformer.h:
+            if self.grad_checkpointing and self.training:
+                x = checkpoint(block, x, rope, use_reentrant=False)
+            else:
+                x = block(x, rope, kv_cache)
+        x = self.transformer.ln_f(x)
+        if kv_cache is not None:
+            kv_cache.pos += T
+
+        if targets is None:
+            return self._logits(x), None
+        if self.config.kernels == "triton" and self.config.logit_softcap is None:
+            _, _, cross_entropy = _triton_kernels()
+            loss = cross_entropy.linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
+                                                      ignore_index=-1, reduction=reduction)
+            return None, loss
+        logits = self._logits(x)
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.view(-1), ignore_index=-1, reduction=reduction)
+        return logits, loss
+
+    def _logits(self, x):
+        logits = self.lm_head(x)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap  # Gemma 2: cap * tanh(logits / cap), smooth and bounded
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    # --- generation ---
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None, seed=None,
+                 use_cache=True):
+        """Append up to max_new_tokens sampled tokens to idx (B, T) and return the longer (B, T') tensor.
+
+        With the KV cache the prompt is run once (prefill), then each step feeds one token. When the
+        window of block_size tokens is full, the step recomputes the last block_size tokens instead,
+        which is what use_cache=False does at every step. Generation stops early once every row has
+        produced one of stop_tokens; rows that stopped are padded with the token they stopped on.
+        """
+        was_training = self.training
+        self.eval()
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=idx.device).manual_seed(seed)
+        stop = torch.tensor(sorted(stop_tokens or []), device=idx.device, dtype=idx.dtype)
+        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+        cfg, block = self.config, self.config.block_size
+        cache = None
+        for _ in range(max_new_tokens):
+            if use_cache and cache is not None and cache.pos < block:
+                logits, _ = self(idx[:, -1:], kv_cache=cache)   # one new token
+            else:
+                window = idx[:, -block:]
+                if use_cache:
+                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, block, cfg.n_embd // cfg.n_head,
+                                    idx.device, self.transformer.wte.weight.dtype)
+                logits, _ = self(window, kv_cache=cache)        # prefill, or a full recompute
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+            if len(stop):
+                next_id = torch.where(done, idx[:, -1:], next_id)
+                done = done | torch.isin(next_id, stop)
+            idx = torch.cat([idx, next_id], dim=1)
+            if len(stop) and bool(done.all()):
+                break
+        self.train(was_training)
+        return idx
+
+    # --- size, FLOPs and MFU ---
+
+    def num_params(self, non_embedding=False):
+        """Parameters, each shared tensor counted once; non_embedding leaves out wte and wpe (Kaplan et al.)."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.transformer.wte.weight.numel()
+            if self.transformer.wpe is not None:
+                n -= self.transformer.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len):
+        """Training FLOPs per token: 6N + 12 * n_layer * n_head * head_dim * seq_len.
+
+        The convention of PaLM (Chowdhery et al. 2022, appendix B), also nanoGPT's: N counts the
+        parameters that take part in a matmul (the output projection, not the position table or the
+        embedding lookup), each costing 2 FLOPs forward and 4 backward; the second term is the
+        attention scores and weighted sum over the full T x T square (causal skipping not deducted).
+        """
+        cfg = self.config
+        n = self.num_params()
+        if self.transformer.wpe is not None:
+            n -= self.transformer.wpe.weight.numel()
+        if not cfg.tie_embeddings:
+            n -= self.transformer.wte.weight.numel()  # a lookup, not a matmul; lm_head is counted
+        return 6 * n + 12 * cfg.n_layer * cfg.n_embd * seq_len
+
+    def estimate_mfu(self, tokens_per_sec, device, seq_len=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over the GPU's peak bf16 FLOP/s; None if unknown."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            return None
+        peak = peak_flops(torch.cuda.get_device_name(device))
+        if peak is None:
+            return None
+        return tokens_per_sec * self.flops_per_token(seq_len or self.config.block_size) / peak
+
+    # --- GPT-2 weights ---
+
+    @classmethod
+    def from_pretrained(cls, name_or_dir, **overrides):
+        """A GPT with the weights of a Hugging Face GPT-2 checkpoint: a local directory written by
+        `save_pretrained`, or a hub name such as "gpt2" where the network allows.
+
+        HF's GPT-2 stores its linear layers as Conv1D, whose weight is the transpose of nn.Linear's,
+        so those four matrices are copied transposed; everything else is a straight copy by name.
+        """
+        try:
+            from transformers import GPT2LMHeadModel
+        except ImportError:
+            raise ImportError("GPT.from_pretrained needs transformers: pip install -r requirements-dev.txt") from None
+        if os.path.isdir(name_or_dir):
+            config_path = os.path.join(name_or_dir, "config.json")
+            model_type = None
+            if os.path.exists(config_path):
+                with open(config_path) as f:
+                    model_type = json.load(f).get("model_type")
+            if model_type != "gpt2":
+                raise ValueError(f"{name_or_dir} is not a GPT-2 checkpoint (config.json model_type={model_type!r}, "
+                                 f"expected 'gpt2'); give a directory written by GPT2LMHeadModel.save_pretrained")
+        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        hc = hf.config
+        if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise ValueError(f"{name_or_dir}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")
+        config = GPTConfig(vocab_size=hc.vocab_size, block_size=hc.n_positions, n_layer=hc.n_layer, n_head=hc.n_head,
+                           n_embd=hc.n_embd, norm_eps=hc.layer_norm_epsilon, bias=True, **overrides)
+        model = cls(config)
+        theirs = hf.state_dict()
+        transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                src = theirs[name]
+                p.copy_(src.t() if name.endswith(transposed) else src)
+        return model
+
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny"))
+    print(f"tiny preset: {model.num_params():,} parameters, {model.flops_per_token(64):,} training FLOPs/token")
+    out = model.generate(torch.zeros(1, 1, dtype=torch.long), max_new_tokens=16, top_k=50, seed=0)
+    print("sampled ids (untrained):", out[0].tolist())
