@@ -1,0 +1,302 @@
+"""Tests for model.py: python -m pytest -q tests/test_model.py
+
+GPT-2 compatibility against Hugging Face transformers (when installed), the KV cache against full
+forwards for every architecture switch, the two attention paths against each other, sampling filters
+on hand-made distributions, parameter counts, and that a tiny model can learn.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import GPT, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
+
+# Small configs that together touch every switch: positions, norms, MLPs, GQA/MQA, QK-norm, soft-capping.
+VARIANTS = {
+    "gpt2": dict(),
+    "rope-rms-swiglu": dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=False),
+    "rope-ln-relu2-untied": dict(pos="rope", mlp="relu2", tie_embeddings=False),
+    "gqa": dict(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_head=2),
+    "mqa": dict(n_kv_head=1, qk_norm=True, logit_softcap=15.0),
+}
+
+
+def small_config(**overrides):
+    base = dict(vocab_size=67, block_size=24, n_layer=2, n_head=4, n_embd=32)
+    return GPTConfig(**{**base, **overrides})
+
+
+def random_model(config, seed=0):
+    """A model whose norms and biases are random too, so a test cannot pass on all-ones/all-zeros weights."""
+    torch.manual_seed(seed)
+    model = GPT(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+# --- GPT-2 compatibility ---
+
+@pytest.mark.parametrize("sizes", [
+    dict(vocab_size=97, n_positions=32, n_embd=48, n_layer=2, n_head=4),
+    dict(vocab_size=101, n_positions=23, n_embd=36, n_layer=3, n_head=3),  # odd sizes, head dim 12
+])
+def test_logits_match_huggingface_gpt2(tmp_path, sizes):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf_config = transformers.GPT2Config(**sizes, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf = transformers.GPT2LMHeadModel(hf_config)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    assert model.config.n_layer == sizes["n_layer"] and model.config.block_size == sizes["n_positions"]
+    idx = torch.randint(0, sizes["vocab_size"], (2, sizes["n_positions"]))
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+
+
+def test_from_pretrained_rejects_a_directory_that_is_not_gpt2(tmp_path):
+    pytest.importorskip("transformers")
+    llama = tmp_path / "llama"
+    llama.mkdir()
+    (llama / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(ValueError, match="not a GPT-2 checkpoint.*llama"):
+        GPT.from_pretrained(str(llama))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="not a GPT-2 checkpoint.*None"):
+        GPT.from_pretrained(str(empty))
+
+
+def test_from_pretrained_without_transformers_says_what_to_install(monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, "transformers", None)  # makes `import transformers` fail
+    with pytest.raises(ImportError, match="pip install -r requirements-dev.txt"):
+        GPT.from_pretrained(str(tmp_path))
+
+
+# --- KV cache and generation ---
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_kv_cache_prefill_and_decode_match_full_forward(variant, attn):
+    config = small_config(attn=attn, **VARIANTS[variant])
+    model = random_model(config)
+    idx = torch.randint(0, config.vocab_size, (2, 20))
+    with torch.no_grad():
+        full, _ = model(idx)
+        cache = KVCache(config.n_layer, 2, config.n_kv_head, config.block_size, config.n_embd // config.n_head,
+                        idx.device, torch.float32)
+        pieces = [model(idx[:, :8], kv_cache=cache)[0]]            # prefill
+        pieces.append(model(idx[:, 8:11], kv_cache=cache)[0])      # a chunk after a cache: offset causal mask
+        for t in range(11, 20):                                    # one token at a time
+            pieces.append(model(idx[:, t:t + 1], kv_cache=cache)[0])
+    cached = torch.cat(pieces, dim=1)
+    assert cache.pos == 20
+    torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_greedy_generation_is_identical_with_and_without_cache(variant):
+    config = small_config(**VARIANTS[variant])
+    model = random_model(config)
+    prompt = torch.randint(0, config.vocab_size, (2, 5))
+    # 30 new tokens run past block_size=24, so the full-window recompute is exercised too.
+    with_cache = model.generate(prompt, 30, temperature=0)
+    without = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert with_cache.shape == (2, 35)
+    assert torch.equal(with_cache, without)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_tokens():
+    model = random_model(small_config())
+    prompt = torch.zeros(1, 1, dtype=torch.long)
+    a = model.generate(prompt, 15, temperature=1.0, top_k=10, seed=123)
+    b = model.generate(prompt, 15, temperature=1.0, top_k=10, seed=123)
+    assert torch.equal(a, b)
+    stop = a[0, 4].item()  # a token that this seed produces at step 4 (or earlier)
+    c = model.generate(prompt, 15, temperature=1.0, top_k=10, seed=123, stop_tokens=[stop])
+    first = (a[0, 1:] == stop).nonzero()[0].item() + 1
+    assert c.shape[1] == first + 1 and c[0, -1].item() == stop
+
+
+def test_generate_restores_training_mode():
+    model = GPT(small_config(dropout=0.1)).train()
+    model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
+    assert model.training
+
+
+# --- attention paths ---
+
+@pytest.mark.parametrize("variant", ["gpt2", "gqa", "mqa"])
+def test_sdpa_and_naive_attention_agree_forward_and_backward(variant):
+    idx = torch.randint(0, 67, (3, 24))
+    targets = torch.randint(0, 67, (3, 24))
+    grads = {}
+    for attn in ("sdpa", "naive"):
+        model = random_model(small_config(attn=attn, **VARIANTS[variant]), seed=1).train()
+        logits, loss = model(idx, targets)
+        loss.backward()
+        grads[attn] = (logits.detach(), loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads["sdpa"][0], grads["naive"][0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads["sdpa"][1], grads["naive"][1], atol=1e-6, rtol=1e-6)
+    for name, g in grads["sdpa"][2].items():
+        torch.testing.assert_close(g, grads["naive"][2][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+# --- sampling filters ---
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+
+
+def test_top_p_keeps_the_token_that_crosses_the_threshold():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log()
+    # 0.5 alone is below 0.6; adding 0.3 crosses it, so the 0.3 token stays and the rest go.
+    assert torch.isfinite(filter_logits(logits, top_p=0.6)).tolist() == [[True, True, False, False]]
+    # exactly reaching the threshold: 0.5 + 0.3 = 0.8, so nothing after the second token is needed
+    assert torch.isfinite(filter_logits(logits, top_p=0.8)).tolist() == [[True, True, False, False]]
+    assert torch.isfinite(filter_logits(logits, top_p=0.81)).tolist() == [[True, True, True, False]]
+
+
+def test_top_p_keeps_vocabulary_order_when_logits_are_unsorted():
+    probs = torch.tensor([[0.05, 0.3, 0.15, 0.5]])
+    kept = torch.isfinite(filter_logits(probs.log(), top_p=0.6))
+    assert kept.tolist() == [[False, True, False, True]]
+
+
+def test_at_least_one_token_always_survives():
+    logits = torch.tensor([[0.0, 10.0, -3.0], [2.0, 2.0, 2.0]])
+    for kwargs in (dict(top_p=1e-9), dict(top_k=1), dict(top_k=1, top_p=1e-9)):
+        kept = torch.isfinite(filter_logits(logits, **kwargs))
+        assert (kept.sum(dim=-1) >= 1).all(), kwargs
+    assert torch.isfinite(filter_logits(logits, top_p=1e-9))[0].tolist() == [False, True, False]
+
+
+def test_top_p_one_and_top_k_none_leave_the_distribution_unchanged():
+    logits = torch.randn(4, 50)
+    assert torch.equal(filter_logits(logits, top_k=None, top_p=1.0), logits)
+    assert torch.equal(filter_logits(logits, top_k=50, top_p=None), logits)
+
+
+# --- loss, learning, sizes ---
+
+def test_ignored_targets_do_not_count_and_sum_equals_mean_times_count():
+    model = random_model(small_config())
+    idx = torch.randint(0, 67, (2, 10))
+    targets = torch.randint(0, 67, (2, 10))
+    targets[0, :4] = -1
+    targets[1, 7:] = -1
+    logits, mean_loss = model(idx, targets)
+    _, sum_loss = model(idx, targets, reduction="sum")
+    keep = targets != -1
+    expected = F.cross_entropy(logits[keep], targets[keep])
+    torch.testing.assert_close(mean_loss, expected)
+    torch.testing.assert_close(sum_loss, mean_loss * keep.sum())
+
+
+def test_a_tiny_model_overfits_a_fixed_batch():
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", vocab_size=64, block_size=16))
+    idx = torch.randint(0, 64, (4, 16))
+    targets = torch.roll(idx, -1, dims=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        _, loss = model(idx, targets)
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > math.log(64) - 0.5   # starts near uniform over the vocabulary
+    assert loss.item() < 0.1
+
+
+def test_tied_embeddings_share_storage_and_untied_do_not():
+    tied = GPT(small_config())
+    assert tied.lm_head.weight.data_ptr() == tied.transformer.wte.weight.data_ptr()
+    untied = GPT(small_config(tie_embeddings=False))
+    assert untied.lm_head.weight.data_ptr() != untied.transformer.wte.weight.data_ptr()
+
+
+def expected_param_count(c):
+    """Closed form, written independently of the module tree."""
+    d, h = c.n_embd // c.n_head, c.n_embd
+    norm = h * (2 if c.norm == "layernorm" and c.bias else 1)
+    hidden = c.mlp_hidden or (64 * math.ceil(8 * h / 3 / 64) if c.mlp == "swiglu" else 4 * h)
+    b = 1 if c.bias else 0
+    attn = h * (c.n_head + 2 * c.n_kv_head) * d + b * (c.n_head + 2 * c.n_kv_head) * d + h * h + b * h
+    fc_out = 2 * hidden if c.mlp == "swiglu" else hidden
+    mlp = h * fc_out + b * fc_out + hidden * h + b * h
+    qk = 2 * d if c.qk_norm else 0
+    per_layer = 2 * norm + attn + mlp + qk
+    embeddings = c.vocab_size * h * (1 if c.tie_embeddings else 2) + (c.block_size * h if c.pos == "learned" else 0)
+    return c.n_layer * per_layer + norm + embeddings
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_num_params_matches_the_closed_form(variant):
+    config = small_config(**VARIANTS[variant])
+    assert GPT(config).num_params() == expected_param_count(config)
+
+
+def test_gpt2_preset_has_124m_parameters():
+    config = config_from_preset("gpt2")
+    assert expected_param_count(config) == 124_439_808  # the well-known count of OpenAI's 124M checkpoint
+    assert set(PRESETS) >= {"tiny", "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"}
+
+
+def test_tiny_preset_has_a_few_hundred_thousand_parameters():
+    assert 100_000 < GPT(config_from_preset("tiny")).num_params() < 1_000_000
+
+
+def test_flops_per_token_is_6n_plus_the_attention_term():
+    model = GPT(small_config())
+    n_matmul = model.num_params() - model.transformer.wpe.weight.numel()
+    assert model.flops_per_token(0) == 6 * n_matmul
+    assert model.flops_per_token(24) - model.flops_per_token(8) == 12 * 2 * 32 * 16
+
+
+def test_mfu_is_none_where_the_peak_is_unknown():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("Some Future Accelerator") is None
+    assert GPT(small_config()).estimate_mfu(1e6, "cpu") is None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    idx = torch.randint(0, 67, (2, 16))
+    grads = []
+    for flag in (False, True):
+        model = random_model(small_config(pos="rope"), seed=3).train()
+        model.grad_checkpointing = flag
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("field, value", [("pos", "alibi"), ("norm", "batchnorm"), ("mlp", "moe"), ("attn", "flash")])
+def test_bad_config_values_name_the_field_and_the_choices(field, value):
+    with pytest.raises(ValueError, match=f"{field}='{value}'.*choose one of"):
+        small_config(**{field: value})
+
+
+def test_bad_shapes_and_presets_are_rejected_with_the_numbers():
+    with pytest.raises(ValueError, match="n_head=4 is not a multiple of n_kv_head=3"):
+        small_config(n_kv_head=3)
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        config_from_preset("huge")
+    model = GPT(small_config())
+    with pytest.raises(ValueError, match="longer than block_size=24"):
+        model(torch.zeros(1, 25, dtype=torch.long))
