@@ -508,7 +508,11 @@ class GPT(nn.Module):
             if model_type != "gpt2":
                 raise ValueError(f"{name_or_dir} is not a GPT-2 checkpoint (config.json model_type={model_type!r}, "
                                  f"expected 'gpt2'); give a directory written by GPT2LMHeadModel.save_pretrained")
-        hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        try:
+            hf = GPT2LMHeadModel.from_pretrained(name_or_dir)
+        except OSError as e:  # not a directory, and the hub is out of reach or has no such model
+            raise OSError(f"could not load GPT-2 weights {name_or_dir!r}: not a local directory and the hub "
+                          f"did not answer ({type(e).__name__}); give a directory written by save_pretrained") from e
         hc = hf.config
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")

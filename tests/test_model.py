@@ -300,3 +300,9 @@ def test_bad_shapes_and_presets_are_rejected_with_the_numbers():
     model = GPT(small_config())
     with pytest.raises(ValueError, match="longer than block_size=24"):
         model(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_from_pretrained_with_an_unreachable_hub_name_says_so():
+    pytest.importorskip("transformers")  # conftest.py sets HF_HUB_OFFLINE: the hub is out of reach
+    with pytest.raises(OSError, match="could not load GPT-2 weights 'no-such-model-xyz'"):
+        GPT.from_pretrained("no-such-model-xyz")
