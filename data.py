@@ -1,0 +1,908 @@
+"""Data preparation: raw text -> cleaned documents -> a BPE tokenizer trained here -> token shards -> batches.
+
+Chapter 1 of forge ("data preparation"). Every later stage reads what this file writes.
+
+    python data.py                                  # the embedded default: Python's own standard library, offline
+    python data.py --dataset shakespeare            # downloaded once into data/cache, checked by sha256
+    python data.py --input notes/ book.txt --out-dir data/mine --vocab-size 8192
+    python data.py --tokenizer gpt2                 # skip BPE training, use tiktoken's GPT-2 encoding
+
+It runs on the CPU in a single process (tokenization uses a few threads). The pipeline, in file order:
+
+    sources    stdlib .py files | local .txt .md .py .jsonl | HTTP downloads (cache, retries, resume, sha256)
+    cleaning   normalise -> quality rules (Gopher/C4) -> PII redaction -> exact dedup -> MinHash near-dedup
+    tokenizer  byte-level BPE trained on the train split; encoding through tiktoken; saved as two text files
+    shards     flat uint16 token files with a small header, train/val split by document hash, meta.json
+    loader     TokenLoader: (x, y) int64 batches from np.memmap, disjoint per rank, resumable exactly
+
+Everything is written to `<out_dir>.partial/` and renamed to `out_dir` only at the end, so a crash or a bad
+input never leaves a folder that looks complete. Bad input raises DataError; `main` prints it on one line and
+exits with status 2.
+"""
+import argparse
+import base64
+import dataclasses
+import hashlib
+import heapq
+import http.client
+import inspect
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+import sysconfig
+import time
+import types
+import typing
+import unicodedata
+import urllib.error
+import urllib.request
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tiktoken
+import torch
+
+# --- constants: declared once, used everywhere ---
+
+# Special tokens get the last ids of the vocabulary. The first is the document boundary; the chat tokens are
+# reserved now so that SFT (sft.py) can use them without retraining the tokenizer.
+SPECIAL_TOKENS = ["<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+
+# The pre-tokenization split, in the spirit of GPT-4's cl100k pattern: contractions, words with one leading
+# non-letter (usually a space), numbers of at most 3 digits, runs of punctuation, newlines, other whitespace.
+# BPE never merges across these chunks. GPT-4 writes it with \p{L} (letter) and \p{N} (number); Python's `re`
+# has no \p{...}, and its \w and \s do not mean exactly what the Rust engine inside tiktoken means by them. So
+# the classes here are spelled as explicit code-point ranges that both engines read the same way:
+#   letter = A-Z a-z and every non-ASCII character (accents, CJK, emoji: all non-ASCII counts as a "letter")
+#   digit  = 0-9,  space = \t \n \v \f \r and ' '
+# Training splits with `re`, encoding splits with tiktoken: tests/test_data.py checks the ids agree.
+_LETTER = r"A-Za-z\x80-\U0010FFFF"
+SPLIT_PATTERN = (
+    r"'(?:[sdmtSDMT]|[lL][lL]|[vV][eE]|[rR][eE])"  # 's 'd 'm 't 'll 've 're
+    rf"|[^\r\n{_LETTER}0-9]?+[{_LETTER}]+"  # a word, with one leading space or symbol
+    r"|[0-9]{1,3}"  # numbers in groups of up to 3 digits
+    rf"| ?[^\t-\r {_LETTER}0-9]++[\r\n]*"  # punctuation and symbols, with an optional leading space
+    r"|[\t-\r ]*[\r\n]"  # whitespace ending in a newline
+    r"|[\t-\r ]+(?![^\t-\r ])"  # whitespace, leaving the last space to the next word
+    r"|[\t-\r ]+"
+)
+
+# Downloadable corpora: (url, sha256 or None when the file has no fixed published hash).
+DATASETS = {
+    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
+                    "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"),
+    # the 22 MB validation file of TinyStories (Eldan & Li 2023): laptop-sized; stories end with <|endoftext|>
+    "tinystories": ("https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-valid.txt",
+                    None),
+    # the first Parquet file of FineWeb-Edu's 10B-token sample (Penedo et al. 2024); needs pyarrow to read
+    "fineweb-edu": ("https://huggingface.co/datasets/HuggingFaceFW/fineweb-edu/resolve/main/"
+                    "sample/10BT/000_00000.parquet", None),
+}
+TEXT_SUFFIXES = {".txt", ".md", ".py", ".jsonl"}
+# Folders of the standard library that are not ordinary source: the test suite (17 MB), generated tables.
+STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
+
+SHARD_MAGIC = b"FORGETOK"
+SHARD_VERSION = 1
+# 64-byte shard header: magic, version, bytes per token (2 or 4), token count, tokenizer hash; then the tokens.
+SHARD_HEADER = struct.Struct("<8sIIQ16s24x")
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "stdlib"  # stdlib | shakespeare | tinystories | fineweb-edu; ignored when --input is given
+    input: list[str] = field(default_factory=list)  # local files or folders (.txt .md .py .jsonl); replaces dataset
+    out_dir: str | None = None  # None: data/<dataset>, or data/input for --input
+    cache_dir: str = "data/cache"  # where downloads are kept between runs
+    url: str | None = None  # None: the dataset's own URL; set it to download from a mirror
+    max_bytes: int | None = None  # stop reading sources after this many bytes of text; None: read everything
+    tokenizer: str | None = None  # None: train BPE here; "gpt2": tiktoken's GPT-2; or a folder with a saved one
+    vocab_size: int = 4096  # tokens, counting the 256 bytes and the special tokens
+    val_fraction: float = 0.05  # share of documents that go to the validation split (chosen by hash)
+    seed: int = 0  # salts the split hash and the MinHash permutations
+    rules: str | None = None  # comma-separated quality rules; None: defaults per kind (DEFAULT_RULES); "": none
+    pii: bool = True  # redact e-mail addresses, phone numbers, IP addresses, card numbers
+    dedup: bool = True  # drop exact duplicates (hash of the normalised document)
+    near_dup_threshold: float = 0.8  # estimated Jaccard similarity above which a document is a near duplicate
+    doc_chars: int = 8000  # .txt/.md files are cut at blank lines into documents of about this many characters
+    shard_tokens: int = 2**24  # tokens per shard file
+    workers: int | None = None  # tokenizer threads; None: os.cpu_count()
+
+
+class DataError(Exception):
+    """Bad input or a broken data folder: `main` prints the message on one line and exits with status 2."""
+
+
+# --- sources ---
+# A source yields documents as (text, kind, origin): kind "code" or "text" picks the default quality rules,
+# origin (a file name) appears in error messages and in the report's examples.
+
+def _sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def stdlib_files():
+    """The .py files of the running Python's standard library, in a fixed order (no site-packages)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if d not in STDLIB_SKIP)
+        found += [Path(folder) / f for f in sorted(files) if f.endswith(".py")]
+    return found
+
+
+def local_files(paths):
+    """Expand files and folders into a sorted list of files with a suffix we read."""
+    found = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            matches = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+            if not matches:
+                raise DataError(f"{p}: no {' '.join(sorted(TEXT_SUFFIXES))} files in this folder")
+            found += matches
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    return found
+
+
+def download(url, dest, sha256=None, retries=3, backoff=1.0):
+    """Fetch url into dest with retries; a partial file (dest.part) is resumed with an HTTP Range request."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    error = None
+    for attempt in range(retries):
+        have = part.stat().st_size if part.exists() else 0
+        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                # 206: the server honoured Range, append; 200: it sent the whole file, start over
+                with open(part, "ab" if response.status == 206 else "wb") as f:
+                    shutil.copyfileobj(response, f, 1 << 20)
+            break
+        except urllib.error.HTTPError as e:
+            if e.code == 416 and have:  # nothing left to fetch: the .part file is already complete
+                break
+            if e.code < 500 and e.code not in (408, 429):
+                raise DataError(f"cannot download {url}: HTTP {e.code} {e.reason}") from None
+            error = e
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+            error = e
+        time.sleep(backoff * 2 ** attempt)
+    else:
+        raise DataError(f"cannot download {url} ({error}); offline? use --dataset stdlib or --input PATH, "
+                        f"or put the file at {dest}")
+    if sha256 is not None and (got := _sha256_file(part)) != sha256:
+        part.unlink()
+        raise DataError(f"{url}: sha256 {got} is not the expected {sha256}; the download was deleted")
+    part.rename(dest)
+    return dest
+
+
+def split_text(text, doc_chars):
+    """Cut a text file into documents: at <|endoftext|> lines if it has them, else at blank lines."""
+    if SPECIAL_TOKENS[0] in text:
+        return [d.strip("\n") for d in text.split(SPECIAL_TOKENS[0]) if d.strip()]
+    docs, current, size = [], [], 0
+    for para in re.split(r"\n\s*\n", text):
+        current.append(para)
+        size += len(para)
+        if size >= doc_chars:
+            docs.append("\n\n".join(current))
+            current, size = [], 0
+    if current and "".join(current).strip():
+        docs.append("\n\n".join(current))
+    return docs
+
+
+def read_file(path, cfg, skipped):
+    """Documents of one local file. Binary and non-UTF-8 files are skipped and counted in `skipped`."""
+    data = Path(path).read_bytes()
+    if b"\0" in data[:8192]:
+        skipped["binary"] += 1
+        return [], data
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        skipped["not_utf8"] += 1
+        return [], data
+    suffix = Path(path).suffix
+    if suffix == ".py":
+        return [(text, "code", str(path))], data
+    if suffix == ".jsonl":
+        docs = []
+        for n, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    docs.append((json.loads(line)["text"], "text", f"{path}:{n}"))
+                except (ValueError, KeyError, TypeError):
+                    raise DataError(f"{path}:{n}: not a JSON object with a \"text\" field") from None
+        return docs, data
+    return [(d, "text", str(path)) for d in split_text(text, cfg.doc_chars)], data
+
+
+def read_parquet(path):
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise DataError(f"{path} is Parquet: pip install pyarrow to read it, or use --dataset stdlib "
+                        "or --input PATH") from None
+    for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
+        for text in batch.column("text").to_pylist():
+            yield text, "text", str(path)
+
+
+def iter_documents(cfg, source, skipped):
+    """All documents of the configured source, up to cfg.max_bytes of text. Fills in `source` (name, hash)."""
+    digest = hashlib.sha256()  # over the raw bytes of every file read, in order: the source hash in meta.json
+    if cfg.input:
+        files, source["dataset"] = local_files(cfg.input), "input"
+    elif cfg.dataset == "stdlib":
+        files = stdlib_files()
+        source["python_version"] = sys.version.split()[0]  # the stdlib text differs between versions
+    elif cfg.dataset in DATASETS:
+        url, sha = DATASETS[cfg.dataset]
+        if cfg.url:
+            url = cfg.url
+        files = [download(url, Path(cfg.cache_dir) / cfg.dataset / url.rsplit("/", 1)[-1], sha)]
+    else:
+        raise DataError(f"unknown dataset {cfg.dataset!r}; choose stdlib, {', '.join(DATASETS)} or --input PATH")
+    if not files:
+        raise DataError("no input files")
+    total = 0
+    for path in files:
+        if path.suffix == ".parquet":
+            docs = read_parquet(path)
+            digest.update(_sha256_file(path).encode())
+        else:
+            docs, data = read_file(path, cfg, skipped)
+            digest.update(data)
+        for doc in docs:
+            yield doc
+            total += len(doc[0].encode())
+            if cfg.max_bytes is not None and total >= cfg.max_bytes:
+                break
+        if cfg.max_bytes is not None and total >= cfg.max_bytes:
+            break
+    source["files"] = len(files)
+    source["hash"] = digest.hexdigest()[:16]
+
+
+# --- cleaning ---
+
+def normalize(text):
+    """Unicode NFC, \\n line endings, and no control characters other than tab and newline."""
+    text = unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n")
+    return re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]", "", text)
+
+
+# Quality rules after Gopher (Rae et al. 2021, appendix A.1.1) and C4 (Raffel et al. 2020, section 2.2).
+# Each takes (text, words, lines) and returns True to drop the document.
+def _repeated_line_fraction(lines):
+    lines = [line for line in lines if line.strip()]
+    return 1 - len(set(lines)) / len(lines) if lines else 0.0
+
+
+QUALITY_RULES = {
+    "min_words": lambda text, words, lines: len(words) < 50,
+    "max_words": lambda text, words, lines: len(words) > 100_000,
+    "mean_word_length": lambda text, words, lines: not 3 <= sum(map(len, words)) / max(len(words), 1) <= 10,
+    "symbol_ratio": lambda text, words, lines: (text.count("#") + text.count("...")) / max(len(words), 1) > 0.1,
+    "alpha_words": lambda text, words, lines: sum(any(c.isalpha() for c in w) for w in words) < 0.8 * len(words),
+    "repeated_lines": lambda text, words, lines: _repeated_line_fraction(lines) > 0.3,
+    "non_alnum_ratio": lambda text, words, lines: sum(not (c.isalnum() or c.isspace()) for c in text) > 0.4 * len(text),
+    "terminal_punct": lambda text, words, lines: sum(ln.rstrip().endswith((".", "!", "?", '"')) for ln in lines)
+    < 0.5 * sum(bool(ln.strip()) for ln in lines),
+    "lorem_ipsum": lambda text, words, lines: "lorem ipsum" in text.lower(),
+    "curly_brace": lambda text, words, lines: "{" in text,
+}
+# Prose rules would drop much source code (symbols, short lines, braces, repeated `else:` and `return` lines),
+# so code gets only the neutral ones: on the stdlib they drop ~40 near-empty files and nothing else.
+DEFAULT_RULES = {
+    "code": ["min_words", "max_words", "non_alnum_ratio"],
+    "text": ["min_words", "max_words", "mean_word_length", "symbol_ratio", "alpha_words", "repeated_lines",
+             "lorem_ipsum"],
+}
+
+# PII patterns, replaced by placeholders. Card-like numbers are only replaced when the Luhn checksum holds.
+PII_PATTERNS = {
+    "email": re.compile(r"[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
+    "ip": re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}"
+                     r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?![\w.])"),
+    "card": re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])"),
+    "phone": re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?!\w)"),
+}
+
+
+def luhn_ok(number):
+    digits = [int(c) for c in number if c.isdigit()][::-1]
+    return sum(d if i % 2 == 0 else (2 * d if d < 5 else 2 * d - 9) for i, d in enumerate(digits)) % 10 == 0
+
+
+def redact_pii(text, counts):
+    """Replace e-mails, IPs, Luhn-valid card numbers and phone numbers by <EMAIL>, <IP>, <CARD>, <PHONE>."""
+    for kind, pattern in PII_PATTERNS.items():
+        def replace(m, kind=kind):
+            if kind == "card" and not luhn_ok(m.group()):
+                return m.group()
+            counts[kind] += 1
+            return f"<{kind.upper()}>"
+        text = pattern.sub(replace, text)
+    return text
+
+
+class NearDedup:
+    """MinHash over word 5-shingles with LSH banding (Broder 1997; Leskovec et al., Mining of Massive
+    Datasets, ch. 3). A signature is the minimum of num_perm hash permutations over a document's shingles;
+    two documents agree on each entry with probability equal to their Jaccard similarity. The signature is cut
+    into b bands of r rows; documents sharing a whole band become candidates, which happens with probability
+    1 - (1 - s^r)^b, an S-curve that rises near s = (1/b)^(1/r). Candidates are then confirmed by the fraction
+    of equal signature entries (the Jaccard estimate) against the threshold."""
+
+    PRIME = 4294967291  # largest prime below 2^32: signatures fit in uint32
+
+    def __init__(self, threshold, num_perm=128, shingle=5, seed=0):
+        divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
+        self.bands = min(divisors, key=lambda b: abs((1 / b) ** (b / num_perm) - threshold))
+        self.rows, self.threshold, self.shingle = num_perm // self.bands, threshold, shingle
+        rng = np.random.default_rng(seed)
+        # (a * h + b) mod PRIME with a < 2^31 and h < 2^32 stays below 2^63: no uint64 overflow
+        self.a = rng.integers(1, 2**31, num_perm, dtype=np.uint64)
+        self.b = rng.integers(0, 2**31, num_perm, dtype=np.uint64)
+        self.buckets = [{} for _ in range(self.bands)]  # band -> {band bytes: index of a kept document}
+        self.signatures = []  # (num_perm,) uint32 per kept document
+
+    def signature(self, text):
+        words = text.split()
+        k = min(self.shingle, len(words))
+        shingles = {" ".join(words[i:i + k]) for i in range(len(words) - k + 1)}
+        h = np.array([zlib.crc32(s.encode()) for s in shingles], dtype=np.uint64)  # (n_shingles,)
+        return ((h[:, None] * self.a + self.b) % self.PRIME).min(axis=0).astype(np.uint32)  # (num_perm,)
+
+    def is_duplicate(self, text):
+        """True if text is a near duplicate of a document seen before; otherwise remember it."""
+        if not text.split():
+            return False
+        sig = self.signature(text)
+        keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
+        for bucket, key in zip(self.buckets, keys):
+            j = bucket.get(key)
+            if j is not None and np.mean(self.signatures[j] == sig) >= self.threshold:
+                return True
+        for bucket, key in zip(self.buckets, keys):
+            bucket.setdefault(key, len(self.signatures))
+        self.signatures.append(sig)
+        return False
+
+
+class CleanReport:
+    """Documents and bytes in and out of every step, drops per rule, a few dropped examples."""
+    STEPS = ["read", "normalize", "quality", "pii", "exact_dedup", "near_dedup"]
+
+    def __init__(self):
+        self.steps = {s: {"docs_in": 0, "docs_out": 0, "bytes_in": 0, "bytes_out": 0} for s in self.STEPS}
+        self.rules, self.pii, self.skipped_files = Counter(), Counter(), Counter()
+        self.examples = defaultdict(list)
+
+    def tally(self, step, text_in, text_out, reason=None, origin=""):
+        s = self.steps[step]
+        s["docs_in"] += 1
+        s["bytes_in"] += len(text_in.encode())
+        if text_out is not None:
+            s["docs_out"] += 1
+            s["bytes_out"] += len(text_out.encode())
+        elif len(self.examples[reason]) < 3:
+            self.examples[reason].append(f"{origin}: {text_in[:160]!r}")
+
+    def to_dict(self):
+        return {"steps": self.steps, "rules": dict(self.rules), "pii": dict(self.pii),
+                "skipped_files": dict(self.skipped_files), "examples": dict(self.examples)}
+
+    def table(self):
+        lines = [f"{'step':<12} {'docs in':>9} {'docs out':>9} {'MB in':>9} {'MB out':>9}"]
+        for name, s in self.steps.items():
+            lines.append(f"{name:<12} {s['docs_in']:>9} {s['docs_out']:>9} "
+                         f"{s['bytes_in'] / 1e6:>9.2f} {s['bytes_out'] / 1e6:>9.2f}")
+        for title, counts in [("dropped by rule", self.rules), ("redacted", self.pii),
+                              ("skipped files", self.skipped_files)]:
+            if counts:
+                lines.append(f"{title}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return "\n".join(lines)
+
+
+def clean_documents(docs, cfg, report):
+    """The cleaning steps, in order, on a stream of (text, kind, origin); yields the surviving texts."""
+    if cfg.rules is not None:
+        chosen = [r for r in cfg.rules.split(",") if r]
+        if unknown := set(chosen) - set(QUALITY_RULES):
+            raise DataError(f"unknown quality rule(s) {sorted(unknown)}; known: {', '.join(QUALITY_RULES)}")
+    seen = set()
+    near = NearDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup_threshold < 1 else None
+    for text, kind, origin in docs:
+        report.tally("read", text, text)
+        clean = normalize(text)
+        report.tally("normalize", text, clean if clean.strip() else None, "empty", origin)
+        if not clean.strip():
+            continue
+        words, lines = clean.split(), clean.split("\n")
+        failed = next((r for r in (chosen if cfg.rules is not None else DEFAULT_RULES[kind])
+                       if QUALITY_RULES[r](clean, words, lines)), None)
+        report.tally("quality", clean, None if failed else clean, failed, origin)
+        if failed:
+            report.rules[failed] += 1
+            continue
+        redacted = redact_pii(clean, report.pii) if cfg.pii else clean
+        report.tally("pii", clean, redacted)
+        key = hashlib.sha1(redacted.encode()).digest()
+        duplicate = cfg.dedup and key in seen
+        seen.add(key)
+        report.tally("exact_dedup", redacted, None if duplicate else redacted, "exact_duplicate", origin)
+        if duplicate:
+            continue
+        duplicate = near is not None and near.is_duplicate(redacted)
+        report.tally("near_dedup", redacted, None if duplicate else redacted, "near_duplicate", origin)
+        if not duplicate:
+            yield redacted
+
+
+# --- tokenizer ---
+# Byte-level BPE (Sennrich et al. 2016; GPT-2, Radford et al. 2019): start from the 256 byte values, then
+# repeatedly merge the most frequent adjacent pair into a new token. Training works on unique chunks: the
+# text is split by SPLIT_PATTERN, identical chunks are counted once with their frequency (the stdlib's 1.9M
+# chunks are ~60k unique ones). A merge only touches the chunks that contain its pair, found through an index
+# pair -> chunk ids; pair counts are updated for those chunks alone, and a heap with lazy deletion gives the
+# most frequent pair (stale heap entries are skipped when popped).
+
+def count_chunks(texts):
+    pattern = re.compile(SPLIT_PATTERN)
+    counts = Counter()
+    for text in texts:
+        counts.update(pattern.findall(text))
+    return counts
+
+
+def train_bpe(chunk_counts, n_merges):
+    """Learn up to n_merges merges from {chunk: frequency}; returns tiktoken ranks {token bytes: id}."""
+    words = [list(chunk.encode()) for chunk in chunk_counts]  # each chunk as a list of token ids
+    freqs = list(chunk_counts.values())
+    vocab = [bytes([i]) for i in range(256)]  # id -> bytes
+    ranks = {b: i for i, b in enumerate(vocab)}
+    pair_counts, where = Counter(), defaultdict(set)  # (a, b) -> frequency; (a, b) -> ids of chunks holding it
+    for i, w in enumerate(words):
+        for pair in zip(w, w[1:]):
+            pair_counts[pair] += freqs[i]
+            where[pair].add(i)
+    heap = [(-c, pair) for pair, c in pair_counts.items()]  # ties go to the smallest pair of ids
+    heapq.heapify(heap)
+    while len(vocab) - 256 < n_merges and heap:
+        neg, pair = heapq.heappop(heap)
+        if -neg != pair_counts.get(pair, 0) or -neg <= 0:
+            continue  # stale entry: the count changed after it was pushed
+        merged = vocab[pair[0]] + vocab[pair[1]]
+        new_id = ranks.get(merged)  # the same bytes can come from two different pairs: keep one id
+        if new_id is None:
+            new_id = ranks[merged] = len(vocab)
+            vocab.append(merged)
+        changed = set()
+        for i in where.pop(pair):
+            w, f = words[i], freqs[i]
+            out, j = [], 0
+            while j < len(w):
+                if j + 1 < len(w) and w[j] == pair[0] and w[j + 1] == pair[1]:
+                    out.append(new_id)
+                    j += 2
+                else:
+                    out.append(w[j])
+                    j += 1
+            if len(out) == len(w):
+                continue  # stale index entry: this chunk no longer holds the pair
+            for p in zip(w, w[1:]):
+                pair_counts[p] -= f
+                changed.add(p)
+            for p in zip(out, out[1:]):
+                pair_counts[p] += f
+                where[p].add(i)
+                changed.add(p)
+            words[i] = out
+        pair_counts.pop(pair, None)
+        for p in changed:
+            if pair_counts.get(p, 0) > 0 and p != pair:
+                heapq.heappush(heap, (-pair_counts[p], p))
+    return ranks
+
+
+def bpe_encode_ref(text, ranks):
+    """The readable reference encoder, same algorithm as tiktoken's: split the text, then in each chunk merge
+    the adjacent pair whose concatenation has the lowest rank, until no pair is in the vocabulary."""
+    ids = []
+    for chunk in re.findall(SPLIT_PATTERN, text):
+        parts = [bytes([b]) for b in chunk.encode()]
+        while len(parts) > 1:
+            pair_ranks = [ranks.get(a + b, float("inf")) for a, b in zip(parts, parts[1:])]
+            best = min(range(len(pair_ranks)), key=pair_ranks.__getitem__)  # leftmost on ties, like tiktoken
+            if pair_ranks[best] == float("inf"):
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        ids += [ranks[p] for p in parts]
+    return ids
+
+
+class Tokenizer:
+    """encode/decode through tiktoken. encode() treats special-token text as ordinary text (a document that
+    contains "<|endoftext|>" cannot forge a boundary); encode(s, allow_special=True) maps it to the ids."""
+
+    def __init__(self, enc, hash):
+        self.enc, self.hash = enc, hash
+        self.special_ids = {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)}
+        self.vocab_size = enc.n_vocab
+        self.eot_id = self.special_ids[SPECIAL_TOKENS[0]]
+
+    def encode(self, text, allow_special=False):
+        return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts, num_threads):
+        return self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+
+    def decode(self, ids):
+        return self.enc.decode(list(ids))
+
+
+def _tokenizer_hash(files):
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
+
+
+def save_tokenizer(ranks, out_dir):
+    """tokenizer.tiktoken: "base64(token bytes) id" per line (tiktoken's own format); tokenizer.json: the
+    special tokens and the split pattern."""
+    out_dir = Path(out_dir)
+    lines = [f"{base64.b64encode(b).decode()} {i}" for b, i in sorted(ranks.items(), key=lambda kv: kv[1])]
+    (out_dir / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
+    n = max(ranks.values()) + 1
+    specials = {s: n + i for i, s in enumerate(SPECIAL_TOKENS)}
+    (out_dir / "tokenizer.json").write_text(json.dumps({"pattern": SPLIT_PATTERN, "special_tokens": specials},
+                                                       indent=1) + "\n")
+
+
+def load_tokenizer(dir_or_name):
+    """A Tokenizer from a folder written by save_tokenizer (or by prepare), or "gpt2" for tiktoken's GPT-2."""
+    if dir_or_name == "gpt2":
+        try:
+            enc = tiktoken.get_encoding("gpt2")  # downloads its vocabulary once, then uses tiktoken's cache
+        except Exception as e:
+            raise DataError(f"cannot load tiktoken's gpt2 encoding ({type(e).__name__}: {str(e)[:100]}); "
+                            "offline? train a tokenizer here instead (leave out --tokenizer)") from None
+        return Tokenizer(enc, "gpt2")
+    folder = Path(dir_or_name)
+    ranks_file, json_file = folder / "tokenizer.tiktoken", folder / "tokenizer.json"
+    if not json_file.exists():
+        raise DataError(f"{json_file}: no such file; give a folder written by data.py, or gpt2")
+    info = json.loads(json_file.read_text())
+    if info.get("name") == "gpt2":
+        return load_tokenizer("gpt2")
+    try:
+        ranks = {base64.b64decode(tok): int(rank) for tok, rank in
+                 (line.split() for line in ranks_file.read_text().splitlines() if line)}
+    except (OSError, ValueError) as e:
+        raise DataError(f"{ranks_file}: unreadable ({e})") from None
+    enc = tiktoken.Encoding(name=f"forge-{folder.name}", pat_str=info["pattern"], mergeable_ranks=ranks,
+                            special_tokens=info["special_tokens"])
+    return Tokenizer(enc, _tokenizer_hash([ranks_file, json_file]))
+
+
+# --- shards ---
+
+def token_dtype(vocab_size):
+    return np.uint16 if vocab_size <= 2**16 else np.uint32
+
+
+def write_shard(path, tokens, tokenizer_hash):
+    """One shard: header then the tokens, written under a temporary name and renamed."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.itemsize, len(tokens), tokenizer_hash.encode()))
+        f.write(tokens.tobytes())
+    tmp.rename(path)
+
+
+def open_shard(path, tokenizer_hash=None):
+    """np.memmap of a shard's tokens after checking its header, its size and (if given) its tokenizer."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(SHARD_HEADER.size)
+    except OSError as e:
+        raise DataError(f"{path}: cannot open shard ({e.strerror}); rerun python data.py") from None
+    if len(head) < SHARD_HEADER.size or head[:8] != SHARD_MAGIC:
+        raise DataError(f"{path}: not a forge token shard (bad header); rerun python data.py")
+    _, version, itemsize, count, tok_hash = SHARD_HEADER.unpack(head)
+    if version != SHARD_VERSION or itemsize not in (2, 4):
+        raise DataError(f"{path}: shard version {version}, {itemsize} bytes per token is not supported")
+    expected = SHARD_HEADER.size + count * itemsize
+    if path.stat().st_size != expected:
+        raise DataError(f"{path}: truncated or corrupt shard: {path.stat().st_size} bytes, header says {expected}")
+    if tokenizer_hash is not None and tok_hash.decode() != tokenizer_hash:
+        raise DataError(f"{path}: shard was made with tokenizer {tok_hash.decode()}, "
+                        f"but the data folder's tokenizer is {tokenizer_hash}")
+    dtype = np.uint16 if itemsize == 2 else np.uint32
+    return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))
+
+
+class ShardWriter:
+    """Collects the tokens of one split and cuts them into shards of cfg.shard_tokens."""
+
+    def __init__(self, folder, split, dtype, shard_tokens, tokenizer_hash):
+        self.folder, self.split, self.dtype, self.size, self.hash = folder, split, dtype, shard_tokens, tokenizer_hash
+        self.buffer, self.buffered, self.names = [], 0, []
+        self.stats = {"tokens": 0, "bytes": 0, "docs": 0}
+
+    def add(self, ids, n_bytes):
+        self.buffer.append(np.asarray(ids, dtype=self.dtype))
+        self.buffered += len(ids)
+        self.stats["tokens"] += len(ids)
+        self.stats["bytes"] += n_bytes
+        self.stats["docs"] += 1
+        while self.buffered >= self.size:
+            self.flush(self.size)
+
+    def flush(self, n=None):
+        tokens = np.concatenate(self.buffer) if self.buffer else np.zeros(0, self.dtype)
+        n = len(tokens) if n is None else n
+        if n == 0:
+            return
+        name = f"{self.split}_{len(self.names):04d}.bin"
+        write_shard(self.folder / name, tokens[:n], self.hash)
+        self.names.append(name)
+        self.buffer, self.buffered = [tokens[n:]], len(tokens) - n
+
+    def close(self):
+        self.flush()
+        return {**self.stats, "shards": self.names}
+
+
+def is_val(text, seed, fraction):
+    """Deterministic split by document content: a hash in [0, 1) below fraction means validation."""
+    h = hashlib.blake2b(text.encode(), digest_size=8, key=str(seed).encode()).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+# --- prepare: the whole pipeline ---
+
+def resolve(cfg):
+    """Fill in the derived fields (out_dir, workers)."""
+    out_dir = cfg.out_dir or f"data/{'input' if cfg.input else cfg.dataset}"
+    workers = min(cfg.workers or os.cpu_count() or 1, os.cpu_count() or 1)
+    return dataclasses.replace(cfg, out_dir=out_dir, workers=workers)
+
+
+def _batches(path, size=1 << 22):
+    """(split, text) from the cleaned-document file, in lists of about `size` characters."""
+    batch, chars = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line))
+            chars += len(batch[-1][1])
+            if chars >= size:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def prepare(cfg):
+    """Run sources -> cleaning -> tokenizer -> shards into cfg.out_dir and return the meta dict."""
+    cfg = resolve(cfg)
+    out = Path(cfg.out_dir)
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise DataError(f"{out} exists and is not a data folder written by data.py; choose another --out-dir")
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        meta = _prepare_into(cfg, tmp)
+        old = out.with_name(out.name + ".old")
+        if out.exists():
+            out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+        return meta
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _prepare_into(cfg, folder):
+    t0 = time.time()
+    report, source = CleanReport(), {"dataset": cfg.dataset}
+    docs = iter_documents(cfg, source, report.skipped_files)
+    # pass 1: clean, choose the split, keep the cleaned documents in a temporary file (never all in memory)
+    # and count pre-tokenized chunks of the train split for BPE
+    docs_file, chunks, n_docs = folder / "docs.jsonl.tmp", Counter(), 0
+    train_bpe_here = cfg.tokenizer is None
+    with open(docs_file, "w", encoding="utf-8") as f:
+        for text in clean_documents(docs, cfg, report):
+            split = "val" if is_val(text, cfg.seed, cfg.val_fraction) else "train"
+            f.write(json.dumps([split, text]) + "\n")
+            n_docs += 1
+            if train_bpe_here and split == "train":
+                chunks.update(count_chunks([text]))
+    skipped = ", ".join(f"{v} {k}" for k, v in report.skipped_files.items())
+    if n_docs == 0:
+        raise DataError(f"no documents left after reading and cleaning {cfg.input or cfg.dataset}"
+                        + (f" (skipped files: {skipped})" if skipped else "") + "; see the cleaning rules (--rules)")
+    print(report.table())
+    t1 = time.time()
+
+    # tokenizer: trained here on the train split, or reused
+    if train_bpe_here:
+        n_merges = cfg.vocab_size - 256 - len(SPECIAL_TOKENS)
+        if n_merges < 0:
+            raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
+        save_tokenizer(train_bpe(chunks, n_merges), folder)
+    elif cfg.tokenizer == "gpt2":
+        load_tokenizer("gpt2")  # fails early when offline
+        (folder / "tokenizer.json").write_text(json.dumps({"name": "gpt2"}) + "\n")
+    else:
+        for name in ["tokenizer.tiktoken", "tokenizer.json"]:
+            shutil.copy(Path(cfg.tokenizer) / name, folder / name)
+    tok = load_tokenizer(folder)
+    t2 = time.time()
+    print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash}, {t2 - t1:.1f} s")
+    if train_bpe_here and tok.vocab_size < cfg.vocab_size:
+        print(f"note: the text has no more pairs to merge; vocabulary is {tok.vocab_size}, not {cfg.vocab_size}")
+
+    # pass 2: encode in batches on cfg.workers threads (tiktoken releases the GIL), write the shards
+    dtype = token_dtype(tok.vocab_size)
+    writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens, tok.hash) for s in ("train", "val")}
+    for batch in _batches(docs_file):
+        for (split, text), ids in zip(batch, tok.encode_batch([t for _, t in batch], cfg.workers)):
+            writers[split].add([tok.eot_id] + ids, len(text.encode()))  # the boundary token starts each document
+    docs_file.unlink()
+    splits = {s: w.close() for s, w in writers.items()}
+    t3 = time.time()
+
+    meta = {
+        "format_version": SHARD_VERSION,
+        "vocab_size": tok.vocab_size,
+        "tokenizer_hash": tok.hash,
+        "eot_id": tok.eot_id,
+        "dtype": np.dtype(dtype).name,
+        "source": source,
+        "source_hash": source["hash"],
+        "splits": splits,
+        "report": report.to_dict(),
+        "seconds": {"read_clean": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "shards": round(t3 - t2, 2)},
+        "config": dataclasses.asdict(cfg),
+    }
+    (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: its presence marks completion
+    print(f"shards: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens, "
+          f"{t3 - t2:.1f} s -> {cfg.out_dir}")
+    return meta
+
+
+def load_meta(data_dir):
+    path = Path(data_dir) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file; run python data.py --out-dir {data_dir} first") from None
+    except ValueError:
+        raise DataError(f"{path}: not valid JSON; rerun python data.py") from None
+
+
+def check_tokenizer(tokenizer, data_dir):
+    """DataError unless the tokenizer is the one the shards in data_dir were made with."""
+    meta = load_meta(data_dir)
+    if tokenizer.hash != meta["tokenizer_hash"]:
+        raise DataError(f"tokenizer {tokenizer.hash} does not match the shards in {data_dir} "
+                        f"(made with tokenizer {meta['tokenizer_hash']}); use load_tokenizer({str(data_dir)!r})")
+
+
+# --- loader ---
+
+class TokenLoader:
+    """(x, y) batches of shape (B, T) from a split's shards.
+
+    The split is cut into windows of T+1 tokens at stride T inside each shard (x = window[:-1], y = window[1:]).
+    Each epoch visits the windows in a seeded permutation (or in order when shuffle=False). Step k of an epoch
+    uses the global items [k*B*W, (k+1)*B*W) of that order and rank r takes its own B of them, so ranks are
+    disjoint and the state (epoch, position) is the same on every rank."""
+
+    def __init__(self, data_dir, split, batch_size, seq_len, rank=0, world_size=1, seed=0, shuffle=True):
+        meta = load_meta(data_dir)
+        if split not in meta["splits"]:
+            raise DataError(f"{data_dir}/meta.json has no split {split!r}; it has {list(meta['splits'])}")
+        self.shards = [open_shard(Path(data_dir) / name, meta["tokenizer_hash"])
+                       for name in meta["splits"][split]["shards"]]
+        self.B, self.T, self.rank, self.world, self.seed, self.shuffle = (batch_size, seq_len, rank, world_size,
+                                                                            seed, shuffle)
+        counts = [max(len(s) - 1, 0) // seq_len for s in self.shards]
+        self.starts = np.cumsum([0] + counts)  # first window index of each shard
+        self.n_windows = int(self.starts[-1])
+        if self.n_windows < batch_size * world_size:
+            raise DataError(f"{data_dir}: split {split} has {self.n_windows} windows of {seq_len + 1} tokens, "
+                            f"fewer than batch {batch_size} x world {world_size}; use more data or smaller batches")
+        self.epoch, self.position, self._order = 0, 0, None
+
+    def _epoch_order(self):
+        if self._order is None or self._order[0] != self.epoch:
+            order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows) if self.shuffle
+                     else np.arange(self.n_windows))
+            self._order = (self.epoch, order)
+        return self._order[1]
+
+    def next_batch(self):
+        step = self.B * self.world
+        if self.position + step > self.n_windows:  # drop the ragged end, start the next epoch
+            self.epoch, self.position = self.epoch + 1, 0
+        start = self.position + self.rank * self.B
+        rows = []
+        for i in self._epoch_order()[start:start + self.B]:
+            s = int(np.searchsorted(self.starts, i, side="right")) - 1
+            offset = (int(i) - int(self.starts[s])) * self.T
+            rows.append(self.shards[s][offset:offset + self.T + 1])
+        self.position += step
+        buf = torch.from_numpy(np.stack(rows).astype(np.int64))  # (B, T+1)
+        return buf[:, :-1].contiguous(), buf[:, 1:].contiguous()
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "n_windows": self.n_windows}
+
+    def load_state_dict(self, state):
+        if (state["seed"], state["n_windows"]) != (self.seed, self.n_windows):
+            raise DataError(f"loader state is for seed {state['seed']} and {state['n_windows']} windows, this "
+                            f"loader has seed {self.seed} and {self.n_windows}: different data or seq_len")
+        self.epoch, self.position = state["epoch"], state["position"]
+
+
+# --- command line ---
+
+def _field_help(cls):
+    """The trailing comment of each field in the dataclass source: the --help text."""
+    return dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), flags=re.M))
+
+
+def config_parser(cls=DataConfig):
+    """argparse from the dataclass: field max_bytes becomes --max-bytes, bools become --flag/--no-flag."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    hints, helps = typing.get_type_hints(cls), _field_help(cls)
+    for f in dataclasses.fields(cls):
+        flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        kwargs = {"default": default, "help": helps.get(f.name, "")}
+        if isinstance(kind, types.UnionType):  # X | None
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **kwargs)
+        else:
+            parser.add_argument(flag, type=kind, **kwargs)
+    return parser
+
+
+def main(argv=None):
+    cfg = DataConfig(**vars(config_parser().parse_args(argv)))
+    try:
+        prepare(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
