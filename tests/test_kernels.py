@@ -1,0 +1,227 @@
+"""Tests for kernels/: every Triton kernel, forward and backward, against its plain PyTorch `*_ref`.
+
+    python -m pytest -q tests/test_kernels.py
+
+Without a GPU the kernels run on CPU tensors through Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before this module imports them) in float32 with tight tolerances. The interpreter
+is slow, so shapes are tiny, chosen to hit the edges: lengths that are not block multiples, a single
+token, head dims that are not powers of two, grouped-query attention. With a GPU the same cases run
+in bfloat16 and float16 against the reference computed in float32 from the same inputs.
+"""
+import pytest
+import torch
+
+from kernels.attention import attention, attention_ref
+from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+from kernels.layernorm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
+import kernels.cross_entropy
+
+_NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16/fp16 kernel runs)")
+# (device, dtype): float32 on the CPU interpreter always; the half types on a GPU when there is one.
+DEVICE_DTYPES = [
+    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=_NO_GPU),
+    pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_NO_GPU),
+]
+# (atol, rtol) per dtype, for results of order one.
+TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
+
+
+def _leaf(t, dtype):
+    """A leaf tensor in `dtype` that collects gradients."""
+    return t.to(dtype).detach().requires_grad_()
+
+
+def _run(fn, inputs, grad_out_seed=0):
+    """Output of fn(*inputs) in float32 and the gradients of a fixed random projection of it."""
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out.device, out.dtype)
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    grads = torch.autograd.grad(out, leaves, g)
+    return out.float(), [d.float() for d in grads]
+
+
+def _check_against_ref(fn, ref, inputs, dtype):
+    """fn on inputs in dtype against ref on the same values in float32: output and every gradient."""
+    out, grads = _run(fn, [_leaf(t, dtype) if t.is_floating_point() else t for t in inputs])
+    # The reference sees the same values, rounded to dtype, and computes in float32.
+    out_ref, grads_ref = _run(ref, [_leaf(t.to(dtype), torch.float32) if t.is_floating_point() else t for t in inputs])
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol, equal_nan=True)
+    for i, (d, d_ref) in enumerate(zip(grads, grads_ref)):
+        torch.testing.assert_close(d, d_ref, atol=atol, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
+
+
+# --- layer_norm / rms_norm ---
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 37), (1, 16), (130, 100)])  # N odd, N a power of two, many rows
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_layer_norm_matches_ref(device, dtype, shape, with_bias):
+    torch.manual_seed(0)
+    N = shape[-1]
+    x = torch.randn(shape, device=device) * 2 + 0.5
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    if with_bias:
+        _check_against_ref(layer_norm, layer_norm_ref, [x, w, b], dtype)
+    else:
+        _check_against_ref(lambda x, w: layer_norm(x, w, None), lambda x, w: layer_norm_ref(x, w, None), [x, w], dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 37), (130, 100)])
+def test_rms_norm_matches_ref(device, dtype, shape):
+    torch.manual_seed(0)
+    x = torch.randn(shape, device=device) * 2 + 0.5
+    w = torch.randn(shape[-1], device=device)
+    _check_against_ref(rms_norm, rms_norm_ref, [x, w], dtype)
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=_NO_GPU)])
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_norm_weight_grads_are_bitwise_deterministic(device, norm):
+    torch.manual_seed(0)
+    M, N = (77, 48) if device == "cpu" else (8192, 768)
+    x, dy = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+
+    def grads():
+        ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
+        y = layer_norm(x, ww, bb) if norm == "layer_norm" else rms_norm(x, ww)
+        y.backward(dy)
+        return ww.grad, bb.grad
+
+    (dw1, db1), (dw2, db2) = grads(), grads()
+    assert torch.equal(dw1, dw2)
+    if norm == "layer_norm":
+        assert torch.equal(db1, db2)
+
+
+def test_norms_reject_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="does not match"):
+        layer_norm(x, torch.ones(7), None)
+    with pytest.raises(ValueError, match="dtype"):
+        rms_norm(x.long(), torch.ones(8))
+    with pytest.raises(ValueError, match="bias"):
+        layer_norm(x, torch.ones(8), torch.ones(9))
+
+
+# --- linear_cross_entropy ---
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy_matches_ref(device, dtype, reduction, monkeypatch):
+    monkeypatch.setattr(kernels.cross_entropy, "MAX_CHUNK_ELEMENTS", 5 * 100)  # 5 rows per chunk: 4 chunks
+    torch.manual_seed(0)
+    N, C, V = 19, 24, 100  # V is not a multiple of the vocabulary block (64 on the interpreter)
+    h, w = torch.randn(N, C, device=device), torch.randn(V, C, device=device) / C ** 0.5
+    targets = torch.randint(0, V, (N,), device=device)
+    targets[::3] = -1  # ignored
+    _check_against_ref(lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction),
+                       lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction=reduction), [h, w], dtype)
+
+
+def test_linear_cross_entropy_takes_leading_dims_and_other_ignore_index():
+    torch.manual_seed(0)
+    B, T, C, V = 2, 5, 16, 33
+    h, w = torch.randn(B, T, C), torch.randn(V, C)
+    targets = torch.randint(0, V, (B, T))
+    targets[0, 1] = targets[1, 4] = 7  # ignore_index below: targets equal to 7 are skipped
+    for reduction in ("mean", "none"):
+        _check_against_ref(lambda h, w: linear_cross_entropy(h, w, targets, ignore_index=7, reduction=reduction),
+                           lambda h, w: linear_cross_entropy_ref(h, w, targets, ignore_index=7, reduction=reduction),
+                           [h, w], torch.float32)
+
+
+def test_linear_cross_entropy_all_ignored_matches_torch():
+    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
+    targets = torch.full((4,), -1)
+    loss = linear_cross_entropy(h, w, targets)  # mean over zero tokens: nan, like F.cross_entropy
+    assert torch.isnan(loss) and torch.isnan(linear_cross_entropy_ref(h, w, targets))
+    loss.backward()
+    assert not h.grad.any() and not w.grad.any()  # gradients are zero, as in torch
+    assert linear_cross_entropy(h, w, targets, reduction="sum").item() == 0.0
+
+
+def test_linear_cross_entropy_out_of_range_target_is_nan_not_garbage():
+    h, w = torch.randn(3, 8), torch.randn(10, 8)
+    loss = linear_cross_entropy(h, w, torch.tensor([1, 10, 2]), reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
+
+
+def test_linear_cross_entropy_rejects_bad_inputs():
+    h, w, t = torch.randn(4, 8), torch.randn(10, 8), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(h, w, t, reduction="avg")
+    with pytest.raises(ValueError, match="dtype"):
+        linear_cross_entropy(h, w.double(), t)
+    with pytest.raises(ValueError, match="integers"):
+        linear_cross_entropy(h, w, t.float())
+    with pytest.raises(ValueError, match="expected h"):
+        linear_cross_entropy(h, torch.randn(10, 9), t)
+
+
+# --- attention ---
+
+# (B, H, H_kv, T, D, causal): T of 1, 17 and 130 against tiles of 16 and 32 (interpreter), head dims
+# 16, 48, 80, 96 (padded to 64 and 128 inside the kernel) and 64; multi-head, grouped and multi-query.
+ATTENTION_CASES = [
+    (1, 2, 2, 17, 16, True),
+    (1, 2, 2, 130, 64, True),
+    (2, 4, 2, 130, 48, False),
+    (1, 4, 2, 130, 48, True),
+    (1, 3, 1, 17, 64, True),
+    (1, 2, 1, 1, 16, True),
+    (1, 2, 2, 1, 64, False),
+    (1, 2, 2, 33, 80, False),
+    (1, 2, 1, 130, 96, True),
+]
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("B,H,H_kv,T,D,causal", ATTENTION_CASES)
+def test_attention_matches_ref(device, dtype, B, H, H_kv, T, D, causal):
+    torch.manual_seed(0)
+    q = torch.randn(B, H, T, D, device=device)
+    k, v = torch.randn(B, H_kv, T, D, device=device), torch.randn(B, H_kv, T, D, device=device)
+    _check_against_ref(lambda q, k, v: attention(q, k, v, causal=causal),
+                       lambda q, k, v: attention_ref(q, k, v, causal=causal), [q, k, v], dtype)
+
+
+def test_attention_takes_transposed_views_and_a_scale():
+    """The model's q, k, v are (B, T, H, D) tensors viewed as (B, H, T, D): not contiguous."""
+    torch.manual_seed(0)
+    B, T, H, D = 2, 20, 2, 32
+    q, k, v = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    _check_against_ref(lambda q, k, v: attention(q, k, v, scale=0.3),
+                       lambda q, k, v: attention_ref(q, k, v, scale=0.3), [q, k, v], torch.float32)
+
+
+@pytest.mark.parametrize("shapes,dtype,match", [
+    (((1, 2, 8, 8), (1, 2, 8, 8)), torch.float32, "head dim 8"),
+    (((1, 2, 8, 256), (1, 2, 8, 256)), torch.float32, "head dim 256"),
+    (((1, 3, 8, 16), (1, 2, 8, 16)), torch.float32, "not a multiple"),
+    (((1, 2, 8, 16), (1, 2, 9, 16)), torch.float32, "must both be"),
+    (((2, 8, 16), (2, 8, 16)), torch.float32, "expected q"),
+    (((1, 2, 8, 16), (1, 2, 8, 16)), torch.int32, "dtype"),
+    (((1, 2, 8, 16), (1, 2, 8, 16)), torch.float64, "dtype"),
+])
+def test_attention_rejects_unsupported_inputs(shapes, dtype, match):
+    q_shape, kv_shape = shapes
+    q, k, v = torch.zeros(q_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype), torch.zeros(kv_shape, dtype=dtype)
+    with pytest.raises(ValueError, match=match):
+        attention(q, k, v)
+
+
+# --- all kernels ---
+
+def test_kernels_on_cpu_without_interpreter_say_why(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.randn(2, 8)
+    for call in (lambda: layer_norm(x, torch.ones(8), None), lambda: rms_norm(x, torch.ones(8)),
+                 lambda: linear_cross_entropy(x, torch.randn(5, 8), torch.zeros(2, dtype=torch.long)),
+                 lambda: attention(*[torch.randn(1, 2, 4, 16)] * 3)):
+        with pytest.raises(RuntimeError, match="needs a CUDA GPU, or TRITON_INTERPRET=1"):
+            call()
