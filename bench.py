@@ -89,7 +89,125 @@ def bench_data(args):
 # --- kernels ---
 
 def bench_kernels(args):
-    raise SystemExit("bench.py kernels: not written yet")
+    """Triton kernels (kernels/) against PyTorch on one CUDA GPU, bf16, timed with triton.testing.do_bench:
+      attention  forward and forward+backward TFLOP/s, causal, head dim 64 and 128, T from 1k to 16k, against
+                 F.scaled_dot_product_attention pinned to its flash backend
+      norm       layer_norm / rms_norm forward and backward GB/s against F.layer_norm / F.rms_norm, eager and
+                 torch.compile
+      ce         linear cross-entropy forward+backward time and peak memory at GPT-2 sizes (V=50304) against
+                 F.cross_entropy on materialised logits
+        python bench.py kernels [--only attention norm ce]"""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py kernels: needs a CUDA GPU (on a CPU, run the kernel tests instead: "
+                         "python -m pytest -q tests/test_kernels.py)")
+    import torch.nn.functional as F
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.attention import attention
+    from kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_ref
+    from kernels.layernorm import layer_norm, rms_norm
+
+    parser = argparse.ArgumentParser(prog="bench.py kernels")
+    parser.add_argument("--only", nargs="+", choices=["attention", "norm", "ce"], default=["attention", "norm", "ce"],
+                        help="which kernels to benchmark")
+    a = parser.parse_args(args)
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    name = torch.cuda.get_device_name()
+    print(f"device {name}; torch {torch.__version__}; triton {triton.__version__}; bf16; do_bench median of each")
+
+    def bench(fn, grads=()):
+        return triton.testing.do_bench(fn, grad_to_none=list(grads), return_mode="median")  # ms
+
+    if "attention" in a.only:
+        print("\n| attention, causal | D | T | B x H | triton TFLOP/s | sdpa-flash TFLOP/s | ratio |")
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for D in (64, 128):
+            for T in (1024, 2048, 4096, 8192, 16384):
+                B, H = max(1, 16384 // T), 2048 // D  # 16k tokens of width 2048 at every T
+                q, k, v = (torch.randn(B, H, T, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+                do = torch.randn_like(q)
+                fwd_flops = 4 * B * H * T * T * D * 0.5  # QK^T and PV, 2*T*T*D each, half of it under the mask
+                for mode, flops in (("fwd", fwd_flops), ("fwd+bwd", 3.5 * fwd_flops)):  # bwd: 2x fwd + recompute
+                    tflops = {}
+                    for label, attn in (("triton", lambda: attention(q, k, v, causal=True)),
+                                        ("sdpa", lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))):
+                        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                            if mode == "fwd":
+                                with torch.no_grad():
+                                    ms = bench(attn)
+                            else:
+                                ms = bench(lambda: attn().backward(do), grads=(q, k, v))
+                        tflops[label] = flops / ms * 1e-9
+                    print(f"| {mode} | {D} | {T} | {B} x {H} | {tflops['triton']:.0f} | {tflops['sdpa']:.0f} | "
+                          f"{tflops['triton'] / tflops['sdpa']:.2f} |")
+                del q, k, v, do
+
+    if "norm" in a.only:
+        peak_gbps = {"H100 80GB HBM3": 3350, "H100 SXM": 3350, "H200": 4800}  # nominal HBM bandwidth, GB/s
+        peak = next((bw for key, bw in peak_gbps.items() if key in name), None)
+        print(f"\n| norm | M x N | pass | triton GB/s | torch GB/s | torch.compile GB/s | triton / torch | "
+              f"triton / peak ({peak or '?'} GB/s) |")
+        print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+        M = 16 * 1024
+        for N in (768, 1600, 4096):
+            x = torch.randn(M, N, device=device, dtype=dtype, requires_grad=True)
+            w = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+            b = torch.randn(N, device=device, dtype=dtype, requires_grad=True)
+            dy = torch.randn_like(x)
+            eager_ln = lambda x, w, b: F.layer_norm(x, (N,), w, b)
+            eager_rms = lambda x, w, b: F.rms_norm(x, (N,), w)
+            impls = {
+                "layer_norm": {"triton": layer_norm, "torch": eager_ln, "compile": torch.compile(eager_ln)},
+                "rms_norm": {"triton": lambda x, w, b: rms_norm(x, w), "torch": eager_rms,
+                             "compile": torch.compile(eager_rms)},
+            }
+            for norm, fns in impls.items():
+                # bytes moved: forward reads x, writes y; backward reads x and dy, writes dx (the per-feature
+                # vectors and the saved per-row statistics are negligible)
+                for mode, nbytes in (("fwd", 2 * x.numel() * x.element_size()),
+                                     ("bwd", 3 * x.numel() * x.element_size())):
+                    gbps = {}
+                    for label, fn in fns.items():
+                        if mode == "fwd":
+                            with torch.no_grad():
+                                ms = bench(lambda: fn(x, w, b))
+                        else:
+                            y = fn(x, w, b)
+                            ms = bench(lambda: y.backward(dy, retain_graph=True), grads=(x, w, b))
+                        gbps[label] = nbytes / ms * 1e-6
+                    frac = f"{gbps['triton'] / peak:.0%}" if peak else "?"
+                    print(f"| {norm} | {M} x {N} | {mode} | {gbps['triton']:.0f} | {gbps['torch']:.0f} | "
+                          f"{gbps['compile']:.0f} | {gbps['triton'] / gbps['torch']:.2f} | {frac} |")
+            del x, w, b, dy
+
+    if "ce" in a.only:
+        N, C, V = 8 * 1024, 768, 50304  # GPT-2 small, 8 sequences of 1024 tokens
+        h = torch.randn(N, C, device=device, dtype=dtype, requires_grad=True)
+        w = (torch.randn(V, C, device=device, dtype=dtype) * 0.02).requires_grad_()
+        y = torch.randint(0, V, (N,), device=device)
+        impls = {
+            "triton linear_cross_entropy": linear_cross_entropy,
+            "torch, fp32 logits (the *_ref)": linear_cross_entropy_ref,
+            "torch, bf16 logits": lambda h, w, y: F.cross_entropy(h @ w.t(), y),
+        }
+        print(f"\n| linear cross-entropy fwd+bwd, N={N} C={C} V={V} | time ms | peak MiB above inputs |")
+        print("| --- | --- | --- |")
+        for label, fn in impls.items():
+            step = lambda: fn(h, w, y).backward()
+            ms = bench(step, grads=(h, w))
+            # Peak memory of one step, measured apart from do_bench (which allocates its own cache-flush buffer).
+            h.grad = w.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+            h.grad = w.grad = None
+            print(f"| {label} | {ms:.2f} | {peak:.0f} |")
 
 
 # --- train ---
