@@ -151,6 +151,8 @@ def local_files(paths):
                 raise DataError(f"{p}: no {' '.join(sorted(TEXT_SUFFIXES))} files in this folder")
             found += matches
         elif p.is_file():
+            if p.suffix not in TEXT_SUFFIXES | {".parquet"}:
+                raise DataError(f"{p}: not a {' '.join(sorted(TEXT_SUFFIXES | {'.parquet'}))} file")
             found.append(p)
         else:
             raise DataError(f"{p}: no such file or folder")
@@ -182,7 +184,8 @@ def download(url, dest, sha256=None, retries=3, backoff=1.0):
             error = e
         except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
             error = e
-        time.sleep(backoff * 2 ** attempt)
+        if attempt + 1 < retries:
+            time.sleep(backoff * 2 ** attempt)  # 1 s, 2 s, 4 s, ...
     else:
         raise DataError(f"cannot download {url} ({error}); offline? use --dataset stdlib or --input PATH, "
                         f"or put the file at {dest}")
@@ -714,6 +717,7 @@ def prepare(cfg):
     try:
         meta = _prepare_into(cfg, tmp)
         old = out.with_name(out.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             out.rename(old)
         tmp.rename(out)
@@ -726,6 +730,8 @@ def prepare(cfg):
 
 def _prepare_into(cfg, folder):
     t0 = time.time()
+    if cfg.tokenizer is not None:
+        load_tokenizer(cfg.tokenizer)  # fail before the long part: offline gpt2, or not a tokenizer folder
     report, source = CleanReport(), {"dataset": cfg.dataset}
     docs = iter_documents(cfg, source, report.skipped_files)
     # pass 1: clean, choose the split, keep the cleaned documents in a temporary file (never all in memory)
@@ -738,7 +744,7 @@ def _prepare_into(cfg, folder):
             f.write(json.dumps([split, text]) + "\n")
             n_docs += 1
             if train_bpe_here and split == "train":
-                chunks.update(count_chunks([text]))
+                chunks.update(re.findall(SPLIT_PATTERN, text))
     skipped = ", ".join(f"{v} {k}" for k, v in report.skipped_files.items())
     if n_docs == 0:
         raise DataError(f"no documents left after reading and cleaning {cfg.input or cfg.dataset}"
@@ -753,7 +759,6 @@ def _prepare_into(cfg, folder):
             raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
         save_tokenizer(train_bpe(chunks, n_merges), folder)
     elif cfg.tokenizer == "gpt2":
-        load_tokenizer("gpt2")  # fails early when offline
         (folder / "tokenizer.json").write_text(json.dumps({"name": "gpt2"}) + "\n")
     else:
         for name in ["tokenizer.tiktoken", "tokenizer.json"]:

@@ -154,6 +154,15 @@ def test_gpt2_tokenizer_offline_is_a_clear_error(monkeypatch):
         data.load_tokenizer("gpt2")
 
 
+def test_gpt2_tokenizer_is_recorded_by_name_in_the_data_folder(monkeypatch, ranks, tmp_path):
+    data.save_tokenizer(ranks, tmp_path / "t")
+    stand_in = data.load_tokenizer(tmp_path / "t").enc  # tiktoken's gpt2 needs a download: use ours in its place
+    monkeypatch.setattr(data.tiktoken, "get_encoding", lambda name: stand_in)
+    write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(30))
+    meta = data.prepare(DataConfig(input=[str(tmp_path / "src")], out_dir=str(tmp_path / "out"), tokenizer="gpt2"))
+    assert meta["tokenizer_hash"] == data.load_tokenizer(tmp_path / "out").hash == "gpt2"
+
+
 # --- cleaning ---
 
 def test_normalize_nfc_line_endings_and_control_chars():
@@ -382,6 +391,16 @@ def test_prepare_writes_tokenizer_shards_and_meta(prepared):
     assert not list(out.parent.glob("*.partial")) and not list(out.glob("*.tmp"))
 
 
+def test_shards_do_not_depend_on_the_number_of_workers(tmp_path):
+    write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(60))
+    shards = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        data.prepare(DataConfig(input=[str(tmp_path / "src")], out_dir=str(out), vocab_size=300, workers=workers))
+        shards.append([p.read_bytes() for p in sorted(out.glob("*.bin"))])
+    assert shards[0] == shards[1]
+
+
 def test_split_is_by_document_hash_and_deterministic():
     docs = random_docs(2000, words=20)
     val = [d for d in docs if data.is_val(d, 0, 0.1)]
@@ -506,6 +525,22 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(make, message, tmp_path
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+def test_unsupported_file_or_unknown_rule_is_an_error(tmp_path):
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(DataError, match="x.csv: not a"):
+        data.local_files([tmp_path / "x.csv"])
+    with pytest.raises(DataError, match="unknown quality rule.*'nope'"):
+        list(data.clean_documents([("x", "text", "o")], DataConfig(rules="min_words,nope"), data.CleanReport()))
+
+
+def test_a_saved_tokenizer_can_be_reused_for_new_shards(prepared, tmp_path):
+    cfg, meta = prepared
+    write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(30, seed=9))
+    again = data.prepare(DataConfig(input=[str(tmp_path / "src")], out_dir=str(tmp_path / "out"),
+                                    tokenizer=cfg.out_dir))
+    assert again["tokenizer_hash"] == meta["tokenizer_hash"] and again["vocab_size"] == meta["vocab_size"]
+
+
 def test_binary_files_are_skipped_and_counted_when_others_remain(tmp_path):
     write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(30))
     (tmp_path / "src" / "x.txt").write_bytes(b"\x00\x01binary")
@@ -526,6 +561,7 @@ def test_cli_flags_come_from_the_config_fields(tmp_path, capsys):
     assert (cfg.max_bytes, cfg.pii, cfg.input, cfg.vocab_size, cfg.dedup) == (5, False, ["a", "b"], 300, True)
     assert run_main(["--no-such-flag"], capsys)[0] == 2
     assert data.resolve(DataConfig(dataset="shakespeare")).out_dir == "data/shakespeare"
+    assert data.resolve(DataConfig(workers=1000)).workers <= data.os.cpu_count()
 
 
 def test_cli_prepares_a_folder(tmp_path, capsys):
