@@ -572,6 +572,7 @@ def save_tokenizer(ranks, out_dir):
     """tokenizer.tiktoken: "base64(token bytes) id" per line (tiktoken's own format); tokenizer.json: the
     special tokens and the split pattern."""
     out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     lines = [f"{base64.b64encode(b).decode()} {i}" for b, i in sorted(ranks.items(), key=lambda kv: kv[1])]
     (out_dir / "tokenizer.tiktoken").write_text("\n".join(lines) + "\n")
     n = max(ranks.values()) + 1
