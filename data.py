@@ -109,7 +109,7 @@ class DataConfig:
     rules: str | None = None  # comma-separated quality rules; None: defaults per kind (DEFAULT_RULES); "": none
     pii: bool = True  # redact e-mail addresses, phone numbers, IP addresses, card numbers
     dedup: bool = True  # drop exact duplicates (hash of the normalised document)
-    near_dup_threshold: float = 0.8  # estimated Jaccard similarity above which a document is a near duplicate
+    near_dup_threshold: float = 0.8  # estimated Jaccard similarity that makes a near duplicate; 1: no near-dedup
     doc_chars: int = 8000  # .txt/.md files are cut at blank lines into documents of about this many characters
     shard_tokens: int = 2**24  # tokens per shard file
     workers: int | None = None  # tokenizer threads; None: os.cpu_count()
@@ -238,13 +238,18 @@ def read_file(path, cfg, skipped):
     return [(d, "text", str(path)) for d in split_text(text, cfg.doc_chars)], data
 
 
-def read_parquet(path):
+def _import_parquet(name):
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet
+        return pyarrow.parquet
     except ImportError:
-        raise DataError(f"{path} is Parquet: pip install pyarrow to read it, or use --dataset stdlib "
+        raise DataError(f"{name} is Parquet: pip install pyarrow to read it, or use --dataset stdlib "
                         "or --input PATH") from None
-    for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
+
+
+def read_parquet(path):
+    """Documents of the "text" column of a Parquet file, read in batches (FineWeb's format)."""
+    for batch in _import_parquet(path).ParquetFile(path).iter_batches(columns=["text"], batch_size=1024):
         for text in batch.column("text").to_pylist():
             yield text, "text", str(path)
 
@@ -261,6 +266,8 @@ def iter_documents(cfg, source, skipped):
         url, sha = DATASETS[cfg.dataset]
         if cfg.url:
             url = cfg.url
+        if url.endswith(".parquet"):
+            _import_parquet(url)  # before a download that could not be read
         files = [download(url, Path(cfg.cache_dir) / cfg.dataset / url.rsplit("/", 1)[-1], sha)]
     else:
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose stdlib, {', '.join(DATASETS)} or --input PATH")

@@ -369,6 +369,15 @@ def test_prepare_downloads_a_dataset_from_the_url_override(server, tmp_path):
                                 out_dir=str(tmp_path / "out2")))
 
 
+def test_parquet_without_pyarrow_fails_before_downloading(server, tmp_path, monkeypatch):
+    base, handler = server
+    monkeypatch.setitem(data.sys.modules, "pyarrow", None)  # makes `import pyarrow.parquet` raise ImportError
+    with pytest.raises(DataError, match="pip install pyarrow"):
+        data.prepare(DataConfig(dataset="fineweb-edu", url=base + "/x.parquet", cache_dir=str(tmp_path),
+                                out_dir=str(tmp_path / "out")))
+    assert handler.LOG == []
+
+
 # --- shards and meta ---
 
 def test_prepare_writes_tokenizer_shards_and_meta(prepared):
