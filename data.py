@@ -737,7 +737,13 @@ def prepare(cfg):
 
 
 def _prepare_into(cfg, folder):
+    """prepare's work, written into the temporary folder."""
     t0 = time.time()
+    n_merges = cfg.vocab_size - 256 - len(SPECIAL_TOKENS)
+    if cfg.tokenizer is None and n_merges < 0:
+        raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction} is not in [0, 1)")
     if cfg.tokenizer is not None:
         load_tokenizer(cfg.tokenizer)  # fail before the long part: offline gpt2, or not a tokenizer folder
     report, source = CleanReport(), {"dataset": cfg.dataset}
@@ -762,9 +768,6 @@ def _prepare_into(cfg, folder):
 
     # tokenizer: trained here on the train split, or reused
     if train_bpe_here:
-        n_merges = cfg.vocab_size - 256 - len(SPECIAL_TOKENS)
-        if n_merges < 0:
-            raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
         save_tokenizer(train_bpe(chunks, n_merges), folder)
     elif cfg.tokenizer == "gpt2":
         (folder / "tokenizer.json").write_text(json.dumps({"name": "gpt2"}) + "\n")

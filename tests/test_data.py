@@ -524,11 +524,13 @@ def run_main(argv, capsys):
     (lambda p: (p.mkdir(), (p / "b.txt").write_bytes(b"\x89PNG\x00\x00")), r"no documents left.*1 binary"),
     (lambda p: (p.mkdir(), (p / "l.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))), r"1 not_utf8"),
     (lambda p: (p.mkdir(), (p / "j.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')), r"j.jsonl:2: not a JSON"),
+    (lambda p: write_jsonl(p / "d.jsonl", ["x"]) and ["--vocab-size", "100"], r"--vocab-size 100 is below 256"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(make, message, tmp_path, capsys):
     src, out = tmp_path / "src", tmp_path / "out"
-    make(src)
-    code, err = run_main(["--input", str(src), "--out-dir", str(out), "--rules", ""], capsys)
+    extra = make(src)
+    extra = extra if isinstance(extra, list) else []
+    code, err = run_main(["--input", str(src), "--out-dir", str(out), "--rules", ""] + extra, capsys)
     assert code == 2 and err.startswith("error: ") and err.count("\n") == 1
     assert data.re.search(message, err), err
     assert not out.exists() and not (tmp_path / "out.partial").exists()
