@@ -1,0 +1,349 @@
+"""Tests for train.py: python -m pytest -q tests/test_train.py
+
+The step (overfitting, accumulation, DDP on 2 CPU processes with gloo), the schedules, checkpoints
+(atomic saves, exact resume after a stop and after kill -9), a diverging run, bad input, and the
+command line end to end. Everything runs on the CPU on a tiny dataset that data.prepare builds from
+a few standard-library files, with a tiny vocabulary.
+"""
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import data  # noqa: E402
+import train  # noqa: E402
+from model import GPT, config_from_preset  # noqa: E402
+
+# A run small enough for a test: the tiny preset on 4 x 32 tokens per step.
+TINY = dict(preset="tiny", batch_size=4, seq_len=32, eval_batches=2, log_every=1, eval_every=100, save_every=100,
+            samples=0, device="cpu", lr=3e-3, warmup_steps=2)
+
+
+PREPARE = data.prepare  # the real one, also while a test swaps data.prepare out
+
+
+def make_data(folder, out_dir, vocab_size):
+    """A data folder from a few standard-library modules, written as .txt so they are cut into many documents."""
+    os.makedirs(folder, exist_ok=True)
+    for name in ["textwrap", "shlex", "fnmatch", "bisect", "heapq", "calendar"]:
+        with open(os.path.join(sysconfig.get_paths()["stdlib"], name + ".py"), encoding="utf-8") as f:
+            text = f.read()
+        with open(os.path.join(folder, name + ".txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+    return PREPARE(data.DataConfig(input=[str(folder)], out_dir=out_dir, vocab_size=vocab_size, rules="",
+                                        doc_chars=1500, val_fraction=0.15, workers=1))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_data(root / "text", str(root / "tiny"), vocab_size=320)
+    return str(root / "tiny")
+
+
+def tiny_cfg(data_dir, out_dir, **overrides):
+    return train.TrainConfig(**{**TINY, "data_dir": data_dir, "out_dir": str(out_dir), **overrides})
+
+
+def tiny_model(seed=0, vocab_size=64, block_size=16):
+    torch.manual_seed(seed)
+    return GPT(config_from_preset("tiny", vocab_size=vocab_size, block_size=block_size))
+
+
+def masked_batch(B=4, T=16, vocab_size=64, seed=0):
+    """Random tokens whose rows have very different numbers of counted targets (-1 = ignored)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab_size, (B, T), generator=g)
+    y = torch.randint(0, vocab_size, (B, T), generator=g)
+    for row in range(B):
+        y[row, : row * T // (B + 1)] = -1  # row 0 counts T targets, the last row about T / (B + 1)
+    return x, y
+
+
+CPU = train.Runtime(device="cpu", device_type="cpu", dtype=torch.float32)
+
+
+# --- the step ---
+
+def test_train_step_overfits_one_batch():
+    model = tiny_model()
+    opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.0)
+    batch = masked_batch(B=2, T=16)
+    losses = [train.train_step(model, opt, [batch], CPU)[0] for _ in range(150)]
+    assert losses[0] > 3.5 and losses[-1] < 0.05, (losses[0], losses[-1])
+
+
+def test_accumulating_4x1_equals_one_batch_of_4():
+    x, y = masked_batch(B=4, T=16)
+    a, b = tiny_model(), tiny_model()
+    opt_a = train.build_optimizer(a, lr=1e-2, weight_decay=0.1)
+    opt_b = train.build_optimizer(b, lr=1e-2, weight_decay=0.1)
+    loss_a, norm_a = train.train_step(a, opt_a, [(x[i:i + 1], y[i:i + 1]) for i in range(4)], CPU)
+    loss_b, norm_b = train.train_step(b, opt_b, [(x, y)], CPU)
+    assert loss_a == pytest.approx(loss_b, rel=1e-5) and norm_a == pytest.approx(norm_b, rel=1e-4)
+    # Adam's first step is about lr * sign(gradient), so float noise on a near-zero gradient can move a weight
+    # by a small fraction of lr; a wrong weighting of the micro-batches flips signs and moves weights by ~2 lr.
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=0, atol=1e-4, msg=name)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world_size, port, batches, out_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rt = train.setup_runtime("cpu")
+    raw = tiny_model()
+    model = DDP(raw)
+    opt = train.build_optimizer(raw, lr=1e-2, weight_decay=0.1)
+    per_rank = len(batches) // world_size
+    mine = batches[rank * per_rank:(rank + 1) * per_rank]  # 2 micro-steps each: no_sync on the first
+    losses = [train.train_step(model, opt, mine, rt) for _ in range(2)]
+    if rank == 0:
+        torch.save({"model": raw.state_dict(), "losses": losses}, out_path)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_on_two_processes_equals_one_process_with_accumulation(tmp_path):
+    batches = [masked_batch(B=2, T=16, seed=s) for s in range(4)]
+    batches[3] = (batches[3][0], torch.full_like(batches[3][1], -1).index_fill_(1, torch.tensor([0]), 5))  # 2 targets
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_ddp_worker, args=(2, _free_port(), batches, str(out)), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+
+    ref = tiny_model()
+    opt = train.build_optimizer(ref, lr=1e-2, weight_decay=0.1)
+    ref_losses = [train.train_step(ref, opt, batches, CPU) for _ in range(2)]
+    for (loss, norm), (ref_loss, ref_norm) in zip(ddp["losses"], ref_losses):
+        assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-4)
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(ddp["model"][name], p, rtol=0, atol=1e-4, msg=name)  # see the test above
+
+
+# --- schedule ---
+
+def test_schedules_warm_up_then_follow_their_shapes():
+    cfg = train.TrainConfig(lr=1.0, min_lr_frac=0.1, warmup_steps=10, max_steps=100, cooldown_frac=0.2)
+    for schedule in ("cosine", "wsd", "constant"):
+        lrs = [train.lr_at(s, replace(cfg, schedule=schedule)) for s in range(100)]
+        assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+        assert all(a < b for a, b in zip(lrs[:10], lrs[1:10])), schedule  # warmup rises linearly
+    cosine = [train.lr_at(s, cfg) for s in range(10, 100)]
+    assert all(a > b for a, b in zip(cosine, cosine[1:])) and cosine[-1] == pytest.approx(0.1, abs=1e-3)
+    assert train.lr_at(55, cfg) == pytest.approx(0.55)  # the cosine's midpoint: halfway between lr and min_lr
+    wsd = [train.lr_at(s, replace(cfg, schedule="wsd")) for s in range(100)]
+    assert wsd[10:80] == [1.0] * 70 and all(a > b for a, b in zip(wsd[80:], wsd[81:])) and wsd[-1] < 0.15
+    assert [train.lr_at(s, replace(cfg, schedule="constant")) for s in range(10, 100)] == [1.0] * 90
+
+
+# --- checkpoints ---
+
+def run_cli(args, cwd=ROOT, prefix=()):
+    return subprocess.run([sys.executable, *prefix, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+
+
+def cli_args(data_dir, out_dir, **overrides):
+    args = []
+    for key, value in {**TINY, "data_dir": data_dir, "out_dir": str(out_dir), **overrides}.items():
+        args += [f"--{key.replace('_', '-')}", str(value)]
+    return args
+
+
+def losses(out_dir):
+    return {r["step"]: r["loss"] for r in train.read_metrics(str(out_dir))}
+
+
+# A run that kills itself with SIGKILL as its 7th step begins: no cleanup code runs, as in a preemption.
+KILL_AT_STEP_7 = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train
+step, calls = train.train_step, [0]
+def killing_step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == 7:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return step(*args, **kwargs)
+train.train_step = killing_step
+train.cli(sys.argv[1:])
+"""
+
+
+def test_resume_continues_bitwise_after_a_stop_and_after_kill_9(data_dir, tmp_path):
+    common = dict(max_steps=8, save_every=4)
+    straight = run_cli(["train.py", *cli_args(data_dir, tmp_path / "straight", **common)])
+    assert straight.returncode == 0, straight.stderr
+    reference = losses(tmp_path / "straight")
+    assert sorted(reference) == list(range(1, 9)) and len(set(reference.values())) == 8
+
+    stopped = run_cli(["train.py", *cli_args(data_dir, tmp_path / "stopped", **common, stop_at=4)])
+    assert stopped.returncode == 0, stopped.stderr
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "stopped"))] == ["ckpt_000004.pt"]
+
+    killed = run_cli([*cli_args(data_dir, tmp_path / "killed", **common)], prefix=["-c", KILL_AT_STEP_7])
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert max(losses(tmp_path / "killed")) == 6  # steps 5 and 6 ran after the checkpoint at 4
+
+    for name in ("stopped", "killed"):
+        resumed = run_cli(["train.py", *cli_args(data_dir, tmp_path / name, **common, resume="auto")])
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+        assert losses(tmp_path / name) == reference, name  # bitwise: the floats compare equal
+
+
+def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
+    model = tiny_model()
+    opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    train.train_step(model, opt, [masked_batch()], CPU)
+    cfg = train.TrainConfig()
+    train.save_checkpoint(str(tmp_path), 1, model, opt, cfg, {"position": 1})
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    train.train_step(model, opt, [masked_batch(seed=1)], CPU)
+
+    def crash_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt  # the process dies while writing
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path), 2, model, opt, cfg, {"position": 2})
+    monkeypatch.undo()
+
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000001.pt"]
+    ckpt = train.load_checkpoint(str(tmp_path))  # a folder means its newest checkpoint
+    assert ckpt["step"] == 1 and ckpt["loader"] == {"position": 1}
+    for name, p in train.model_from_checkpoint(ckpt).state_dict().items():
+        assert torch.equal(p, saved[name]), name
+
+
+def test_checkpoints_keep_the_last_k_and_hold_no_wrapper_prefixes(data_dir, tmp_path):
+    train.main(tiny_cfg(data_dir, tmp_path, max_steps=6, save_every=1, keep_last=2))
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000005.pt", "ckpt_000006.pt"]
+    ckpt = train.load_checkpoint(str(tmp_path))
+    assert not [k for k in ckpt["model"] if k.startswith(("module.", "_orig_mod."))]
+    assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"} and ckpt["config"]["max_steps"] == 6
+
+
+def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
+    forward, calls = GPT.forward, [0]
+
+    def poisoned_forward(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls[0] += 1
+        return logits, loss * float("nan") if calls[0] == 5 else loss
+    monkeypatch.setattr(GPT, "forward", poisoned_forward)
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(cli_args(data_dir, tmp_path, max_steps=8, save_every=2))
+    assert exit_info.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: step 5: loss nan") and "last finite loss" in err and "grad norm" in err
+    assert len(err.splitlines()) == 1
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt", "ckpt_000004.pt"]
+    ckpt = train.load_checkpoint(str(tmp_path))
+    assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+# --- bad input ---
+
+def expect_error(args, capsys, *fragments):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(args)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2, err
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_bad_input_is_one_line_and_exit_status_2(data_dir, tmp_path, capsys):
+    expect_error(["--no-such-flag"], capsys, "--no-such-flag")
+    expect_error(["--schedule", "linear"], capsys, "linear")
+    (tmp_path / "file").write_text("not a folder")
+    expect_error(cli_args(data_dir, tmp_path / "file"), capsys, "is a file")
+    expect_error(cli_args(data_dir, tmp_path / "run", total_batch_tokens=1000), capsys, "1000", "4", "32", "128")
+
+
+def test_resume_refuses_another_model_or_tokenizer(data_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    train.main(tiny_cfg(data_dir, run, max_steps=2))
+    expect_error(cli_args(data_dir, run, max_steps=4, resume="auto", n_layer=3), capsys, "n_layer=2", "n_layer=3")
+    other = str(tmp_path / "other_data")
+    make_data(tmp_path / "text", other, vocab_size=300)  # another BPE: another tokenizer hash
+    theirs, ours = data.load_meta(data_dir)["tokenizer_hash"], data.load_meta(other)["tokenizer_hash"]
+    assert theirs != ours
+    expect_error(cli_args(other, run, max_steps=4, resume="auto"), capsys, theirs, ours)
+
+
+# --- end to end ---
+
+def test_missing_data_is_prepared_before_training(tmp_path, monkeypatch):
+    asked = []
+
+    def small_prepare(cfg):  # the embedded dataset, swapped for the tiny text to keep the test fast
+        asked.append(cfg)
+        return make_data(tmp_path / "text", cfg.out_dir, vocab_size=300)
+    monkeypatch.setattr(data, "prepare", small_prepare)
+    result = train.main(tiny_cfg(str(tmp_path / "data" / "stdlib"), tmp_path / "run", max_steps=2))
+    assert [(c.dataset, c.out_dir) for c in asked] == [("stdlib", str(tmp_path / "data" / "stdlib"))]
+    assert math.isfinite(result["val_loss"])
+
+
+def test_command_line_trains_evaluates_saves_and_samples(data_dir, tmp_path):
+    run = tmp_path / "run"
+    result = run_cli(["train.py", *cli_args(data_dir, run, max_steps=40, eval_every=20, log_every=10, samples=2,
+                                              sample_tokens=16)])
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "val bpb" in out and "--- sample 2 ---" in out and "unigram baseline" in out and "tok/s" in out
+    records = train.read_metrics(str(run))
+    assert all({"step", "loss", "lr", "tokens"} <= set(r) for r in records)
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [20, 40] and all(r["val_bpb"] > 0 for r in evals)
+    assert evals[-1]["val_loss"] < records[0]["loss"] - 1.0  # it learned
+    assert os.path.getsize(run / "loss.png") > 0 and train.list_checkpoints(str(run))
+    plotted = run_cli([os.path.join(ROOT, "train.py"), "--plot", str(run), str(run)], cwd=tmp_path)
+    assert plotted.returncode == 0 and os.path.getsize(tmp_path / "loss_compare.png") > 0
+
+
+def test_torchrun_on_two_cpu_processes_equals_one_process_with_accumulation(data_dir, tmp_path):
+    # 512 tokens per step: 4 x 32 x 2 ranks x 2 micro-steps under torchrun, 4 x 32 x 1 x 4 in one process.
+    # The loader hands rank r of world W the items r*B.. of each W*B-item slice, so both read the same tokens.
+    args = cli_args(data_dir, tmp_path / "ddp", max_steps=3, total_batch_tokens=512)
+    result = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={_free_port()}", "train.py", *args])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "2 ranks x 2 micro-steps" in result.stdout and result.stdout.count("done: 3 steps") == 1
+    single = train.main(tiny_cfg(data_dir, tmp_path / "single", max_steps=3, total_batch_tokens=512))
+    ddp, ref = losses(tmp_path / "ddp"), losses(tmp_path / "single")
+    assert sorted(ddp) == [1, 2, 3] and all(ddp[s] == pytest.approx(ref[s], rel=1e-5) for s in ref)
+    assert train.read_metrics(str(tmp_path / "ddp"))[-1]["val_loss"] == pytest.approx(single["val_loss"], rel=1e-5)
+
+
+# --- scaling laws ---
+
+def test_compute_optimal_spends_the_budget_at_20_tokens_per_parameter():
+    params, tokens = train.compute_optimal(1e18)
+    assert tokens / params == pytest.approx(20) and 6 * params * tokens == pytest.approx(1e18)
+
+
+def test_sweep_fits_a_power_law_and_plots_it(data_dir, tmp_path):
+    sizes = [dict(n_layer=1, n_head=2, n_embd=32), dict(n_layer=2, n_head=2, n_embd=64)]
+    slope, scale = train.sweep(tiny_cfg(data_dir, tmp_path), 2e9, sizes=sizes)
+    assert slope < 0 and scale > 0
+    assert os.path.getsize(tmp_path / "sweep" / "scaling.png") > 0

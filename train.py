@@ -1,0 +1,712 @@
+"""Pretraining: chapter "pre-training", part two (how the model in model.py is trained).
+
+One file holds the whole loop, readable top to bottom:
+
+    config       TrainConfig; argparse is built from its fields
+    runtime      device, dtype and DDP from torchrun's environment; print0
+    optimizer    AdamW (weight decay on matrices only) and the learning-rate schedule
+    step         train_step (gradient accumulation, DDP sync on the last micro-step), evaluate
+    checkpoints  atomic save, keep the last K, exact resume (model, optimizer, loader, RNG states)
+    metrics      metrics.jsonl and loss-curve PNGs
+    main         pretraining: setup, data, model, optimizer, loop, save
+    scaling      compute_optimal and --sweep (loss against compute with a fitted power law)
+
+sft.py and dpo.py import setup_runtime, print0, build_optimizer, lr_at, train_step, evaluate and the
+checkpoint functions from here and keep their own short loop; the loop is written once.
+
+Run it:
+
+    python train.py                                   # CPU: prepares the embedded data, trains in minutes
+    python train.py --preset small --max-steps 2000   # a larger model (see model.PRESETS)
+    python train.py --resume auto                     # continue from the newest checkpoint in --out-dir
+    python train.py --plot out/pretrain out/other     # overlay the loss curves of several runs
+    python train.py --sweep 1e13                      # scaling-law exercise on one FLOPs budget
+    torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --dataset fineweb-edu
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+
+With a GPU the defaults grow (preset gpt2, bf16 autocast, torch.compile). Tests: python -m pytest -q tests/test_train.py
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import data
+from model import GPT, GPTConfig, PRESETS, config_from_preset
+
+
+# --- config ---
+
+@dataclass
+class TrainConfig:
+    # model
+    preset: str | None = None           # model size from model.PRESETS; None = "mini" on CPU, "gpt2" on CUDA
+    n_layer: int | None = None          # override the preset's number of blocks; None = the preset's
+    n_head: int | None = None           # override the preset's attention heads; None = the preset's
+    n_embd: int | None = None           # override the preset's width; None = the preset's
+    attn: str = "sdpa"                  # attention implementation: sdpa, naive or triton (kernels/)
+    kernels: str = "torch"              # norms and loss: torch, or triton (kernels/)
+    grad_checkpointing: bool = False    # recompute each block in backward: less memory, ~30% more compute
+    # data
+    dataset: str = "stdlib"             # data.py dataset, prepared into --data-dir when missing
+    data_dir: str | None = None         # folder with meta.json, tokenizer and shards; None = data/<dataset>
+    batch_size: int = 16                # sequences per micro-batch per device
+    seq_len: int | None = None          # tokens per sequence; None = the preset's block_size
+    total_batch_tokens: int | None = None  # tokens per optimizer step over all devices; None = one micro-batch each
+    # optimization
+    max_steps: int | None = None        # optimizer steps; None = 1000 on CPU, 5000 on CUDA
+    lr: float | None = None             # peak learning rate; None = 3e-3 on CPU, 6e-4 on CUDA
+    min_lr_frac: float = 0.1            # final learning rate as a fraction of --lr
+    warmup_steps: int | None = None     # linear warmup steps; None = 5% of max_steps
+    schedule: str = "cosine"            # cosine, wsd (warmup-stable-decay) or constant (after warmup)
+    cooldown_frac: float = 0.2          # wsd only: fraction of max_steps spent decaying to the final lr
+    weight_decay: float = 0.1           # AdamW decoupled weight decay, on matrices only
+    beta1: float = 0.9                  # AdamW first-moment decay
+    beta2: float = 0.95                 # AdamW second-moment decay
+    grad_clip: float = 1.0              # clip the global gradient norm to this; 0 = no clipping
+    # runtime
+    device: str | None = None           # cpu or cuda; None = cuda when available
+    dtype: str | None = None            # float32 or bfloat16 (autocast); None = bfloat16 on CUDA, float32 on CPU
+    compile: bool | None = None         # torch.compile the model; None = on with CUDA, off on CPU
+    seed: int = 1337                    # seeds the weights, the data order and sampling
+    # evaluation, logging, checkpoints
+    eval_every: int = 250               # steps between validation passes (and loss.png refreshes)
+    eval_batches: int = 20              # micro-batches in the fixed validation subset, over all devices
+    log_every: int = 10                 # steps between progress lines and metrics.jsonl records
+    save_every: int = 500               # steps between checkpoints (one is always saved at the end)
+    keep_last: int = 2                  # checkpoints kept in out_dir; older ones are deleted
+    samples: int = 3                    # samples printed at the end
+    sample_tokens: int = 64             # tokens per sample
+    out_dir: str = "out/pretrain"       # run folder: checkpoints, metrics.jsonl, loss.png
+    resume: str | None = None           # checkpoint path, or "auto" = newest in out_dir (fresh start when none)
+    stop_at: int | None = None          # end this run after this step (with a checkpoint); None = max_steps
+
+
+CHOICES = {"attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton"), "schedule": ("cosine", "wsd", "constant"),
+           "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16")}
+
+
+class TrainError(Exception):
+    """Bad input or a state the run cannot continue from: `main` prints one line and exits with `status`."""
+    status = 2
+
+
+class Diverged(TrainError):
+    """The loss or the gradient norm stopped being finite."""
+    status = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _field_comments(cls):
+    """The trailing comment of each field in the class source: it becomes the field's --help text."""
+    found = re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return dict(found)
+
+
+def build_parser(cls, description, choices=CHOICES):
+    """An argparse parser with one flag per dataclass field: max_steps -> --max-steps, bools -> --x/--no-x."""
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    comments = _field_comments(cls)
+    for f in fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = [t for t in getattr(f.type, "__args__", (f.type,)) if t is not type(None)][0]  # int | None -> int
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=comments.get(f.name))
+        else:
+            parser.add_argument(flag, type=kind, default=f.default, choices=choices.get(f.name),
+                                help=comments.get(f.name), metavar=None if f.name in choices else kind.__name__.upper())
+    return parser
+
+
+def config_from_args(cls, args):
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+# --- runtime ---
+
+@dataclass
+class Runtime:
+    device: str             # "cpu" or "cuda:<local_rank>"
+    device_type: str        # "cpu" or "cuda"
+    dtype: torch.dtype      # autocast dtype of the forward pass; float32 = no autocast
+    rank: int = 0           # this process among all processes
+    local_rank: int = 0     # this process among the processes of its node (its GPU index)
+    world_size: int = 1     # processes in all
+
+    @property
+    def ddp(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def setup_runtime(device=None, dtype=None):
+    """Device, dtype and DDP for this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
+    variables); a plain `python` run has none of them and is rank 0 of 1. NCCL on CUDA, gloo on the CPU."""
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        raise TrainError("--device cuda: no CUDA device is visible; use --device cpu")
+    device = f"cuda:{local_rank}" if device_type == "cuda" else "cpu"
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    elif world_size > 1:
+        # Processes of one node share its cores; oversubscribed threads slow every one of them down.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
+    dtype = dtype or ("bfloat16" if device_type == "cuda" else "float32")
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    return Runtime(device, device_type, getattr(torch, dtype), rank, local_rank, world_size)
+
+
+def print0(*args, **kwargs):
+    """print on rank 0 only, so N processes write one log."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+# --- optimizer and schedule ---
+
+def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
+    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) and none on biases and norm gains,
+    which have no scale to shrink (nanoGPT's choice). Frozen parameters (LoRA) are left out. Fused on CUDA."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.device(device).type == "cuda")
+
+
+def lr_at(step, cfg):
+    """Learning rate of optimizer step `step` (0-based). cfg needs lr, min_lr_frac, warmup_steps, max_steps,
+    schedule and cooldown_frac. Linear warmup from lr/warmup_steps to lr, then
+      cosine:   half a cosine from lr down to min_lr at max_steps (Loshchilov & Hutter 2017)
+      wsd:      flat at lr, then linear down to min_lr over the last cooldown_frac of the steps (Hu et al. 2024,
+                MiniCPM): the flat part can be extended later without restarting the decay
+      constant: flat at lr
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    min_lr = cfg.lr * cfg.min_lr_frac
+    if cfg.schedule == "constant":
+        return cfg.lr
+    if cfg.schedule == "cosine":
+        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+        return min_lr + 0.5 * (cfg.lr - min_lr) * (1 + math.cos(math.pi * progress))
+    decay_start = max(cfg.warmup_steps, cfg.max_steps - int(cfg.cooldown_frac * cfg.max_steps))
+    if step < decay_start:
+        return cfg.lr
+    progress = min(1.0, (step - decay_start) / max(1, cfg.max_steps - decay_start))
+    return cfg.lr + (min_lr - cfg.lr) * progress
+
+
+# --- one step ---
+
+def lm_loss(model, batch):
+    """Next-token loss summed over the targets of batch (x, y); y is -1 where no loss is wanted."""
+    x, y = batch
+    _, loss = model(x, y, reduction="sum")
+    return loss
+
+
+def count_targets(batch):
+    """How many terms lm_loss sums: the targets that are not -1."""
+    return (batch[1] != -1).sum()
+
+
+def train_step(model, optimizer, micro_batches, rt, grad_clip=1.0, loss_fn=lm_loss, count_fn=count_targets):
+    """One optimizer step over a list of micro-batches (gradient accumulation) -> (loss, grad_norm).
+
+    The loss is the mean over every counted target of the global batch (all micro-batches, all ranks):
+    each micro-batch's summed loss is divided by the global count, so a short or heavily masked
+    micro-batch weighs what its tokens weigh, and N ranks equal one process with N times the
+    accumulation. Averaging per-micro-batch means instead would weigh tokens unevenly (a known
+    accumulation bug, see Unsloth's and Hugging Face's write-ups of October 2024).
+    loss_fn(model, batch) returns a summed loss and count_fn(batch) the number of terms in it: sft.py
+    and dpo.py pass their own. On a non-finite loss or gradient norm the update is skipped.
+    """
+    count = torch.stack([count_fn(b) for b in micro_batches]).sum().float()
+    if rt.ddp:
+        dist.all_reduce(count)
+    total = torch.zeros((), device=count.device)
+    for i, batch in enumerate(micro_batches):
+        # DDP all-reduces gradients inside backward; only the last micro-step needs it (no_sync skips the rest).
+        last = i == len(micro_batches) - 1
+        with (model.no_sync() if rt.ddp and not last else nullcontext()):
+            with rt.autocast():
+                loss_sum = loss_fn(model, batch)
+            # DDP averages gradients over ranks; * world_size turns that average back into a sum over ranks.
+            (loss_sum * (rt.world_size / count)).backward()
+        total += loss_sum.detach().float()
+    if rt.ddp:
+        dist.all_reduce(total)
+    loss = (total / count).item()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+@torch.no_grad()
+def evaluate(model, batches, rt, loss_fn=lm_loss, count_fn=count_targets):
+    """Mean loss per counted target over the batches (of every rank), in eval mode (no dropout)."""
+    model.eval()
+    total = torch.zeros((), device=rt.device)
+    count = torch.zeros((), device=rt.device)
+    for batch in batches:
+        batch = to_device(batch, rt)
+        with rt.autocast():
+            total += loss_fn(model, batch).float()
+        count += count_fn(batch)
+    if rt.ddp:
+        dist.all_reduce(total)
+        dist.all_reduce(count)
+    model.train()
+    return (total / count).item()
+
+
+def to_device(batch, rt):
+    return tuple(t.to(rt.device, non_blocking=True) for t in batch)
+
+
+# --- checkpoints ---
+
+CKPT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+
+
+def list_checkpoints(out_dir):
+    """Checkpoint paths in out_dir, oldest step first. Half-written `.tmp` files never match."""
+    if not os.path.isdir(out_dir):
+        return []
+    steps = sorted(int(m.group(1)) for m in map(CKPT_NAME.match, os.listdir(out_dir)) if m)
+    return [os.path.join(out_dir, f"ckpt_{s:06d}.pt") for s in steps]
+
+
+def rng_states():
+    """Every random generator the run touches, as plain values (weights_only loading accepts no numpy arrays)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [kind, keys.tolist(), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_states(states):
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_last=2, **extra):
+    """Write out_dir/ckpt_<step>.pt atomically and delete all but the newest keep_last; return its path.
+
+    model is the unwrapped, uncompiled model (no `module.`/`_orig_mod.` prefixes). The file is written under
+    a temporary name, flushed to disk, then renamed: a crash mid-write leaves only a stray `.tmp`, and the
+    previous checkpoint stays the newest complete one. Everything is a tensor or a plain Python value, so
+    load_checkpoint can use torch.load(weights_only=True), which runs no pickled code.
+    """
+    ckpt = {"step": step, "model": model.state_dict(), "model_config": asdict(model.config),
+            "optimizer": optimizer.state_dict(), "config": asdict(config), "loader": loader_state,
+            "rng": rng_states(), **extra}
+    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    for old in list_checkpoints(out_dir)[:-keep_last]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path):
+    """The checkpoint dict, tensors on the CPU. `path` may be a run folder: its newest checkpoint."""
+    if os.path.isdir(path):
+        found = list_checkpoints(path)
+        if not found:
+            raise TrainError(f"{path} holds no checkpoint (ckpt_<step>.pt)")
+        path = found[-1]
+    if not os.path.isfile(path):
+        raise TrainError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise TrainError(f"cannot read checkpoint {path}: {e}".splitlines()[0]) from None
+
+
+def model_from_checkpoint(ckpt, **overrides):
+    """The GPT saved in a checkpoint dict (on the CPU); overrides change runtime-only fields such as attn."""
+    model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
+    model.load_state_dict(ckpt["model"])
+    return model
+
+
+# --- metrics and plots ---
+
+def read_metrics(run_dir):
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise TrainError(f"{path} does not exist: give a run folder written by train.py")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_runs(run_dirs, path):
+    """Train (line) and validation (markers) loss against tokens for each run folder, in one PNG."""
+    import matplotlib  # only here: importing train.py for its loop should not need a plotting stack
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run_dir in enumerate(run_dirs):
+        records, color = read_metrics(run_dir), f"C{i}"
+        name = os.path.basename(os.path.normpath(run_dir))
+        train = [(r["tokens"], r["loss"]) for r in records if "loss" in r]
+        val = [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
+        if train:
+            ax.plot(*zip(*train), color=color, alpha=0.6, label=f"{name} train")
+        if val:
+            ax.plot(*zip(*val), "o--", color=color, label=f"{name} val")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def unigram_entropy(loader, vocab_size, batches=64):
+    """Loss (nats/token) of the best model that ignores context: the entropy of the token frequencies in
+    `batches` batches of the loader. A trained model must end far below it."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for _ in range(batches):
+        counts += np.bincount(loader.next_batch()[1].flatten().numpy(), minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+# --- pretraining ---
+
+def prepare_data(cfg, rt):
+    """meta.json of cfg.data_dir, after rank 0 has prepared the dataset there if it was missing."""
+    if rt.master and not os.path.exists(os.path.join(cfg.data_dir, "meta.json")):
+        print0(f"preparing dataset {cfg.dataset} into {cfg.data_dir} (once)")
+        data.prepare(data.DataConfig(dataset=cfg.dataset, out_dir=cfg.data_dir))
+    if rt.ddp:
+        dist.barrier()  # the other ranks wait for rank 0's shards
+    return data.load_meta(cfg.data_dir)
+
+
+def derive(cfg, rt):
+    """Fill every field left at None from the device (a CPU-sized run on CPU, a GPT-2 run on CUDA)."""
+    gpu = rt.device_type == "cuda"
+    preset = cfg.preset or ("gpt2" if gpu else "mini")
+    if preset not in PRESETS:
+        raise TrainError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    max_steps = cfg.max_steps or (5000 if gpu else 1000)
+    return replace(cfg, preset=preset, max_steps=max_steps,
+                   seq_len=cfg.seq_len or PRESETS[preset].get("block_size", 1024),
+                   data_dir=cfg.data_dir or os.path.join("data", cfg.dataset),
+                   lr=cfg.lr or (6e-4 if gpu else 3e-3),
+                   warmup_steps=max_steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
+                   compile=gpu if cfg.compile is None else cfg.compile)
+
+
+def build_model_config(cfg, vocab_size):
+    overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
+    try:
+        return config_from_preset(cfg.preset, vocab_size=vocab_size, block_size=cfg.seq_len, attn=cfg.attn,
+                                  kernels=cfg.kernels, **overrides)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+
+
+def check_resume(ckpt, path, model_config, tokenizer_hash, data_dir):
+    """Refuse a checkpoint that the current flags or data cannot continue, naming what differs."""
+    if ckpt.get("tokenizer_hash") != tokenizer_hash:
+        raise TrainError(f"cannot resume {path}: it was trained on tokenizer {ckpt.get('tokenizer_hash')} but the "
+                         f"shards in {data_dir} use tokenizer {tokenizer_hash}; use the same --data-dir")
+    theirs, ours = ckpt["model_config"], asdict(model_config)
+    for key in ours:
+        if key not in ("attn", "kernels") and theirs.get(key) != ours[key]:  # attn/kernels change no weights
+            raise TrainError(f"cannot resume {path}: it has {key}={theirs.get(key)!r} but this run has "
+                             f"{key}={ours[key]!r}; pass the same model flags or a new --out-dir")
+
+
+def format_eta(seconds):
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def main(cfg):
+    """Pretrain a GPT as cfg says; returns a summary dict (final val loss and bpb, params, paths)."""
+    # --- setup ---
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    cfg = derive(cfg, rt)
+    if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
+        raise TrainError(f"--out-dir {cfg.out_dir} is a file; give a folder")
+    if rt.master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    print0(f"device {rt.device} x {rt.world_size}, dtype {str(rt.dtype).removeprefix('torch.')}, "
+           f"compile {cfg.compile}, preset {cfg.preset}")
+
+    # --- data ---
+    meta = prepare_data(cfg, rt)
+    B, T = cfg.batch_size, cfg.seq_len
+    micro_tokens = B * T * rt.world_size  # tokens per micro-step over all ranks
+    total_batch_tokens = cfg.total_batch_tokens or micro_tokens
+    if total_batch_tokens % micro_tokens:
+        raise TrainError(f"--total-batch-tokens {total_batch_tokens} is not a multiple of batch {B} x seq {T} x "
+                         f"world {rt.world_size} = {micro_tokens}")
+    accum = total_batch_tokens // micro_tokens
+    train_loader = data.TokenLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world_size, seed=cfg.seed)
+    val_loader = data.TokenLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world_size, shuffle=False)
+    # The same validation subset at every eval, and for any number of ranks (when it divides eval_batches).
+    val_batches = [val_loader.next_batch() for _ in range(math.ceil(cfg.eval_batches / rt.world_size))]
+    val_split = meta["splits"]["val"]
+    bytes_per_token = val_split["bytes"] / val_split["tokens"]
+    print0(f"data {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, {val_split['tokens']:,} val "
+           f"tokens, vocab {meta['vocab_size']}; {total_batch_tokens:,} tokens/step = {B} x {T} x "
+           f"{rt.world_size} ranks x {accum} micro-steps")
+    unigram = unigram_entropy(data.TokenLoader(cfg.data_dir, "train", B, T, seed=cfg.seed + 1), meta["vocab_size"])
+    print0(f"unigram baseline (token frequencies alone): {unigram:.4f} nats/token")
+
+    # --- model ---
+    model_config = build_model_config(cfg, meta["vocab_size"])
+    raw_model = GPT(model_config).to(rt.device)  # the plain module: saved, sampled from, never wrapped
+    raw_model.grad_checkpointing = cfg.grad_checkpointing
+    print0(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_token(T):,} FLOPs/token")
+
+    # --- optimizer ---
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), rt.device)
+    start_step, resume_path = 0, cfg.resume
+    if resume_path == "auto":
+        found = list_checkpoints(cfg.out_dir)
+        resume_path = found[-1] if found else None
+        if not found:
+            print0(f"--resume auto: no checkpoint in {cfg.out_dir}, starting fresh")
+    if resume_path:
+        ckpt = load_checkpoint(resume_path)
+        check_resume(ckpt, resume_path, model_config, meta["tokenizer_hash"], cfg.data_dir)
+        raw_model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        train_loader.load_state_dict(ckpt["loader"])
+        set_rng_states(ckpt["rng"])
+        start_step = ckpt["step"]
+        print0(f"resumed from {resume_path} at step {start_step}")
+        del ckpt
+    metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    if rt.master:
+        # Keep the records up to the starting step: a run killed after its last checkpoint logged steps
+        # that the resumed run is about to log again.
+        kept = [r for r in read_metrics(cfg.out_dir) if r["step"] <= start_step] if resume_path else []
+        if not resume_path and list_checkpoints(cfg.out_dir):
+            print0(f"fresh run: deleting the checkpoints of an earlier run in {cfg.out_dir}")
+            for old in list_checkpoints(cfg.out_dir):
+                os.remove(old)
+        with open(metrics_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+    model = torch.compile(raw_model) if cfg.compile else raw_model
+    if rt.ddp:
+        model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
+
+    # --- loop ---
+    last_loss, step_time, val_loss, val_bpb = math.nan, None, None, None
+    saved_at = start_step if resume_path else None
+    step = start_step
+    for step in range(start_step, cfg.max_steps):
+        t0 = time.time()
+        lr = lr_at(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro_batches = [to_device(train_loader.next_batch(), rt) for _ in range(accum)]
+        loss, grad_norm = train_step(model, optimizer, micro_batches, rt, cfg.grad_clip)
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            raise Diverged(f"step {step + 1}: loss {loss}, grad norm {grad_norm} (last finite loss {last_loss:.4f}); "
+                           f"stopped without updating; the last good checkpoint in {cfg.out_dir} is intact")
+        last_loss = loss
+        dt = time.time() - t0
+        done = step + 1  # steps completed; checkpoints and logs count these
+        # The first step includes compilation and warm-up: leave it out of the average.
+        step_time = dt if step_time is None or step == start_step + 1 else 0.9 * step_time + 0.1 * dt
+        is_eval = done % cfg.eval_every == 0 or done == cfg.max_steps
+        if done % cfg.log_every == 0 or is_eval or done == start_step + 1:
+            tok_s = total_batch_tokens / dt
+            mfu = raw_model.estimate_mfu(tok_s / rt.world_size, rt.device, T)
+            record = {"step": done, "loss": loss, "lr": lr, "tokens": done * total_batch_tokens,
+                      "grad_norm": grad_norm, "tokens_per_sec": round(tok_s)}
+            line = (f"step {done:>5}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | grad norm {grad_norm:.3f} | "
+                    f"{tok_s:,.0f} tok/s")
+            if mfu is not None:
+                line += f" | MFU {100 * mfu:.1f}%"
+            line += f" | ETA {format_eta(step_time * (cfg.max_steps - done))}"
+            if is_eval:
+                val_loss = evaluate(model, val_batches, rt)
+                val_bpb = val_loss / math.log(2) / bytes_per_token  # nats/token -> bits/byte
+                record.update(val_loss=val_loss, val_bpb=val_bpb)
+                line += f"\n      val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
+            print0(line)
+            if rt.master:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if is_eval:
+                    plot_runs([cfg.out_dir], os.path.join(cfg.out_dir, "loss.png"))
+        if done % cfg.save_every == 0 or done == cfg.max_steps or done == cfg.stop_at:
+            if rt.master:
+                save_checkpoint(cfg.out_dir, done, raw_model, optimizer, cfg, train_loader.state_dict(),
+                                cfg.keep_last, tokenizer_hash=meta["tokenizer_hash"])
+            saved_at = done
+        if done == cfg.stop_at:
+            print0(f"--stop-at {cfg.stop_at}: stopping; continue with --resume auto")
+            break
+    done = step + 1 if cfg.max_steps > start_step else start_step
+
+    # --- save ---
+    if rt.master and saved_at != done:
+        save_checkpoint(cfg.out_dir, done, raw_model, optimizer, cfg, train_loader.state_dict(), cfg.keep_last,
+                        tokenizer_hash=meta["tokenizer_hash"])
+    if val_loss is None:
+        val_loss = evaluate(model, val_batches, rt)
+        val_bpb = val_loss / math.log(2) / bytes_per_token
+    print0(f"done: {done} steps, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoints in {cfg.out_dir}")
+    if rt.master and cfg.samples > 0:
+        tokenizer = data.load_tokenizer(cfg.data_dir)
+        start = torch.full((cfg.samples, 1), tokenizer.eot_id, dtype=torch.long, device=rt.device)
+        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        for i, row in enumerate(out.tolist()):
+            print0(f"--- sample {i + 1} ---\n{tokenizer.decode(row[1:])}")
+    if rt.ddp:
+        dist.barrier()  # rank 0 may still be saving or sampling: no rank tears the group down before the others
+    return {"step": done, "val_loss": val_loss, "val_bpb": val_bpb, "params": raw_model.num_params(),
+            "flops_per_token": raw_model.flops_per_token(T), "unigram": unigram, "out_dir": cfg.out_dir, "config": cfg}
+
+
+# --- scaling laws (course exercise) ---
+
+def compute_optimal(flops_budget, tokens_per_param=20):
+    """Compute-optimal parameters N and tokens D for a budget C (Hoffmann et al. 2022, "Chinchilla"):
+    training costs C ~= 6 N D FLOPs and the optimum has D ~= 20 N, so N = sqrt(C / 120) and D = 20 N."""
+    params = math.sqrt(flops_budget / (6 * tokens_per_param))
+    tokens = tokens_per_param * params
+    print0(f"budget {flops_budget:.2e} FLOPs: compute-optimal ~{params / 1e6:.2f}M parameters on "
+           f"~{tokens / 1e6:.1f}M tokens")
+    return params, tokens
+
+
+SWEEP_SIZES = [dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=4, n_embd=96),
+               dict(n_layer=4, n_head=4, n_embd=128), dict(n_layer=6, n_head=6, n_embd=192)]
+
+
+def sweep(cfg, flops_budget, sizes=SWEEP_SIZES):
+    """Train each size on the same FLOPs budget, then plot validation loss against compute (6 N D for the
+    tokens seen so far, with N from the model's flops_per_token) and fit L = a * C^b through the
+    compute-efficient frontier (Kaplan et al. 2020, figure 1) by least squares in log space."""
+    compute_optimal(flops_budget)
+    rt = setup_runtime(cfg.device, cfg.dtype)
+    base = derive(cfg, rt)
+    meta = prepare_data(base, rt)
+    points = []  # (compute, val_loss, label)
+    for size in sizes:
+        run = replace(base, **size, out_dir=os.path.join(cfg.out_dir, "sweep", f"L{size['n_layer']}-C{size['n_embd']}"))
+        tokens_per_step = run.total_batch_tokens or run.batch_size * run.seq_len * rt.world_size
+        flops_per_token = GPT(build_model_config(run, meta["vocab_size"])).flops_per_token(run.seq_len)
+        steps = max(1, int(flops_budget / (flops_per_token * tokens_per_step)))
+        run = replace(run, max_steps=steps, eval_every=max(1, steps // 8), log_every=max(1, steps // 8),
+                      save_every=steps, warmup_steps=steps // 20, samples=0)
+        print0(f"--- sweep: {size} for {steps} steps ---")
+        result = main(run)
+        label = f"{result['params'] / 1e6:.2f}M"
+        points += [(result["flops_per_token"] * r["tokens"], r["val_loss"], label)
+                   for r in read_metrics(run.out_dir) if "val_loss" in r]
+    # The frontier: points that no cheaper point beats.
+    frontier, best = [], math.inf
+    for c, loss, _ in sorted(points):
+        if loss < best:
+            frontier.append((c, loss))
+            best = loss
+    slope, intercept = np.polyfit(np.log([c for c, _ in frontier]), np.log([l for _, l in frontier]), 1)
+    print0(f"fit on the frontier: L(C) = {math.exp(intercept):.3g} * C^{slope:.4f}")
+    if rt.master:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 5))
+        for i, label in enumerate(dict.fromkeys(p[2] for p in points)):
+            ax.plot(*zip(*[(c, l) for c, l, lab in points if lab == label]), "o-", color=f"C{i}", label=label)
+        cs = np.geomspace(frontier[0][0], frontier[-1][0], 50)
+        ax.plot(cs, np.exp(intercept) * cs ** slope, "k--", label=f"{math.exp(intercept):.3g} C^{slope:.3f}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("training compute (FLOPs)")
+        ax.set_ylabel("validation loss")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(cfg.out_dir, "sweep", "scaling.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        print0(f"wrote {path}")
+    return slope, math.exp(intercept)
+
+
+def cli(argv=None):
+    parser = build_parser(TrainConfig, __doc__)
+    parser.add_argument("--plot", nargs="+", metavar="DIR", help="overlay the loss curves of these run folders "
+                        "into loss_compare.png and exit")
+    parser.add_argument("--sweep", nargs="?", const=1e13, type=float, metavar="FLOPS",
+                        help="train a few sizes on this FLOPs budget (default 1e13) and fit a power law")
+    args = parser.parse_args(argv)
+    cfg = config_from_args(TrainConfig, args)
+    try:
+        if args.plot:
+            print(f"wrote {plot_runs(args.plot, 'loss_compare.png')}")
+        elif args.sweep:
+            sweep(cfg, args.sweep)
+        else:
+            main(cfg)
+    except (TrainError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(getattr(e, "status", 2))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])
