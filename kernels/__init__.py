@@ -1,6 +1,6 @@
 """Hand-written Triton kernels for forge: the "how the GPU really computes this" chapter.
 
-One op per file, each with the same template (see ../../shared/STYLE.md rule 10): a docstring with the
+One op per file, each with the same template (the style guide's rule 10): a docstring with the
 math, the `@triton.jit` kernels, the `torch.autograd.Function`, the public function, a plain PyTorch
 `*_ref` with the same signature, and a benchmark under `__main__`.
 

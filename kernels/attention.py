@@ -431,7 +431,6 @@ def attention(q, k, v, causal=True, scale=None):
     H must be a multiple of H_kv; 16 <= D <= 128; float32, float16 or bfloat16; scale defaults to
     1 / sqrt(D). Queries and keys are the same positions (self-attention: no KV cache).
     """
-    _check_device("attention", q, k, v)
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"attention: expected q (B, H, T, D) and k, v (B, H_kv, T, D), got q {tuple(q.shape)}, "
                          f"k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -449,6 +448,7 @@ def attention(q, k, v, causal=True, scale=None):
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if B == 0 or T == 0:
         raise ValueError(f"attention: empty input q {tuple(q.shape)}")
+    _check_device("attention", q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels need unit stride in D
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _Attention.apply(q, k, v, bool(causal), scale)

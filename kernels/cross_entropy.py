@@ -189,7 +189,6 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, reduction="mean"):
     h (..., C) float, weight (V, C) of the same dtype, targets (...) integer. Returns a float32 scalar
     for reduction "mean" (over non-ignored targets) or "sum", or float32 of targets' shape for "none".
     """
-    _check_device("linear_cross_entropy", h, weight, targets)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"linear_cross_entropy: reduction={reduction!r}; expected 'mean', 'sum' or 'none'")
     if h.dtype not in (torch.float32, torch.float16, torch.bfloat16) or weight.dtype != h.dtype:
@@ -200,6 +199,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, reduction="mean"):
     if h.dim() < 1 or weight.dim() != 2 or weight.shape[1] != h.shape[-1] or targets.shape != h.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: expected h (..., C), weight (V, C), targets (...); got h "
                          f"{tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
+    _check_device("linear_cross_entropy", h, weight, targets)
     h2 = h.reshape(-1, h.shape[-1]).contiguous()  # (N, C)
     loss = _LinearCrossEntropy.apply(h2, weight.contiguous(), targets.reshape(-1).long().contiguous(),
                                      ignore_index, reduction)

@@ -201,7 +201,6 @@ class _Norm(torch.autograd.Function):
 # --- public functions ---
 
 def _check(name, x, weight, bias):
-    _check_device(name, x, weight, bias)
     floats = (torch.float32, torch.float16, torch.bfloat16)
     for label, t in (("x", x), ("weight", weight), ("bias", bias)):
         if t is not None and t.dtype not in floats:
@@ -211,6 +210,7 @@ def _check(name, x, weight, bias):
                          f"{tuple(x.shape)}; expected weight of shape ({x.shape[-1] if x.dim() else '?'},)")
     if bias is not None and bias.shape != weight.shape:
         raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} differs from weight {tuple(weight.shape)}")
+    _check_device(name, x, weight, bias)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):

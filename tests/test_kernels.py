@@ -8,6 +8,8 @@ is slow, so shapes are tiny, chosen to hit the edges: lengths that are not block
 token, head dims that are not powers of two, grouped-query attention. With a GPU the same cases run
 in bfloat16 and float16 against the reference computed in float32 from the same inputs.
 """
+import os
+
 import pytest
 import torch
 
@@ -17,9 +19,12 @@ from kernels.layernorm import layer_norm, layer_norm_ref, rms_norm, rms_norm_ref
 import kernels.cross_entropy
 
 _NO_GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (bf16/fp16 kernel runs)")
-# (device, dtype): float32 on the CPU interpreter always; the half types on a GPU when there is one.
+# float32 cases run through the interpreter on the CPU, or on the GPU when there is one (then conftest.py
+# leaves TRITON_INTERPRET unset and the kernels compile for the GPU).
+DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+# (device, dtype): float32 always; the half types on a GPU when there is one.
 DEVICE_DTYPES = [
-    pytest.param("cpu", torch.float32, id="cpu-fp32"),
+    pytest.param(DEV, torch.float32, id="fp32"),
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=_NO_GPU),
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_NO_GPU),
 ]
@@ -77,11 +82,11 @@ def test_rms_norm_matches_ref(device, dtype, shape):
     _check_against_ref(rms_norm, rms_norm_ref, [x, w], dtype)
 
 
-@pytest.mark.parametrize("device", [pytest.param("cpu"), pytest.param("cuda", marks=_NO_GPU)])
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
-def test_norm_weight_grads_are_bitwise_deterministic(device, norm):
+def test_norm_weight_grads_are_bitwise_deterministic(norm):
     torch.manual_seed(0)
-    M, N = (77, 48) if device == "cpu" else (8192, 768)
+    device = DEV
+    M, N = (77, 48) if device == "cpu" else (8192, 768)  # on a GPU: many rows per program, many programs
     x, dy = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
     w, b = torch.randn(N, device=device), torch.randn(N, device=device)
 
@@ -125,8 +130,8 @@ def test_linear_cross_entropy_matches_ref(device, dtype, reduction, monkeypatch)
 def test_linear_cross_entropy_takes_leading_dims_and_other_ignore_index():
     torch.manual_seed(0)
     B, T, C, V = 2, 5, 16, 33
-    h, w = torch.randn(B, T, C), torch.randn(V, C)
-    targets = torch.randint(0, V, (B, T))
+    h, w = torch.randn(B, T, C, device=DEV), torch.randn(V, C, device=DEV)
+    targets = torch.randint(0, V, (B, T), device=DEV)
     targets[0, 1] = targets[1, 4] = 7  # ignore_index below: targets equal to 7 are skipped
     for reduction in ("mean", "none"):
         _check_against_ref(lambda h, w: linear_cross_entropy(h, w, targets, ignore_index=7, reduction=reduction),
@@ -135,8 +140,8 @@ def test_linear_cross_entropy_takes_leading_dims_and_other_ignore_index():
 
 
 def test_linear_cross_entropy_all_ignored_matches_torch():
-    h, w = torch.randn(4, 8, requires_grad=True), torch.randn(10, 8, requires_grad=True)
-    targets = torch.full((4,), -1)
+    h, w = torch.randn(4, 8, device=DEV, requires_grad=True), torch.randn(10, 8, device=DEV, requires_grad=True)
+    targets = torch.full((4,), -1, device=DEV)
     loss = linear_cross_entropy(h, w, targets)  # mean over zero tokens: nan, like F.cross_entropy
     assert torch.isnan(loss) and torch.isnan(linear_cross_entropy_ref(h, w, targets))
     loss.backward()
@@ -145,8 +150,8 @@ def test_linear_cross_entropy_all_ignored_matches_torch():
 
 
 def test_linear_cross_entropy_out_of_range_target_is_nan_not_garbage():
-    h, w = torch.randn(3, 8), torch.randn(10, 8)
-    loss = linear_cross_entropy(h, w, torch.tensor([1, 10, 2]), reduction="none")
+    h, w = torch.randn(3, 8, device=DEV), torch.randn(10, 8, device=DEV)
+    loss = linear_cross_entropy(h, w, torch.tensor([1, 10, 2], device=DEV), reduction="none")
     assert torch.isnan(loss[1]) and torch.isfinite(loss[[0, 2]]).all()
 
 
@@ -193,7 +198,7 @@ def test_attention_takes_transposed_views_and_a_scale():
     """The model's q, k, v are (B, T, H, D) tensors viewed as (B, H, T, D): not contiguous."""
     torch.manual_seed(0)
     B, T, H, D = 2, 20, 2, 32
-    q, k, v = (torch.randn(B, T, H, D).transpose(1, 2) for _ in range(3))
+    q, k, v = (torch.randn(B, T, H, D, device=DEV).transpose(1, 2) for _ in range(3))
     assert not q.is_contiguous()
     _check_against_ref(lambda q, k, v: attention(q, k, v, scale=0.3),
                        lambda q, k, v: attention_ref(q, k, v, scale=0.3), [q, k, v], torch.float32)
