@@ -228,15 +228,15 @@ def _attn_bwd_dkdv_inner(
         mask = m_ok[:, None] & d_ok[None, :]
         q = tl.load(Q + offs_m[:, None] * stride_qt + offs_d[None, :], mask=mask, other=0.0)  # (BLOCK_M, BLOCK_D)
         do = tl.load(DO + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask, other=0.0)  # (BLOCK_M, BLOCK_D)
-        lse = tl.load(LSE + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
+        lse = tl.load(LSE + offs_m, mask=m_ok, other=float("inf"))  # (BLOCK_M,); padded queries: P = 0
         delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)  # (BLOCK_M,)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M), base 2
-        p_t = tl.math.exp2(s_t - lse[None, :])  # P^T, the softmax recomputed from the saved lse
-        if MASKED:
+        if MASKED:  # masked scores become -inf before exp2, so nothing overflows
             keep = m_ok[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[None, :] >= offs_n[:, None])
-            p_t = tl.where(keep, p_t, 0.0)
+            s_t = tl.where(keep, s_t, -float("inf"))
+        p_t = tl.math.exp2(s_t - lse[None, :])  # P^T, the softmax recomputed from the saved lse
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # (BLOCK_N, BLOCK_M) = (dO V^T)^T
         ds_t = p_t * (dp_t - delta[None, :])
@@ -318,12 +318,12 @@ def _attn_bwd_dq_inner(
         k = tl.load(K + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
         v = tl.load(V + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N), base 2
-        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             keep = (offs_n < T)[None, :]
             if CAUSAL:
                 keep = keep & (offs_m[:, None] >= offs_n[None, :])
-            p = tl.where(keep, p, 0.0)
+            s = tl.where(keep, s, -float("inf"))
+        p = tl.math.exp2(s - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
@@ -354,7 +354,7 @@ def _attn_bwd_dq_kernel(
                 other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dot + offs_d[None, :], mask=mask,
                  other=0.0)
-    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
+    lse = tl.load(LSE + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=float("inf"))  # padded queries: P = 0
     delta = tl.load(DELTA + bh.to(tl.int64) * T + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
     if CAUSAL:  # the same two stages as the forward
