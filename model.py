@@ -394,8 +394,12 @@ class GPT(nn.Module):
             return self._logits(x), None
         if self.config.kernels == "triton" and self.config.logit_softcap is None:
             _, _, cross_entropy = _triton_kernels()
-            loss = cross_entropy.linear_cross_entropy(x.view(B * T, -1), self.lm_head.weight, targets.view(-1),
-                                                      ignore_index=-1, reduction=reduction)
+            h, weight = x.view(B * T, -1), self.lm_head.weight
+            if torch.is_autocast_enabled(h.device.type):  # autocast does not reach inside the kernel: cast here
+                dtype = torch.get_autocast_dtype(h.device.type)
+                h, weight = h.to(dtype), weight.to(dtype)
+            loss = cross_entropy.linear_cross_entropy(h, weight, targets.view(-1), ignore_index=-1,
+                                                      reduction=reduction)
             return None, loss
         logits = self._logits(x)
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.view(-1), ignore_index=-1, reduction=reduction)

@@ -306,3 +306,29 @@ def test_from_pretrained_with_an_unreachable_hub_name_says_so():
     pytest.importorskip("transformers")  # conftest.py sets HF_HUB_OFFLINE: the hub is out of reach
     with pytest.raises(OSError, match="could not load GPT-2 weights 'no-such-model-xyz'"):
         GPT.from_pretrained("no-such-model-xyz")
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gqa"])
+def test_triton_kernels_give_the_torch_path_loss_and_gradients(variant):
+    """attn="triton" and kernels="triton" (norms and fused loss) against sdpa + torch on the same weights.
+
+    On the CPU this runs through Triton's interpreter (conftest.py sets TRITON_INTERPRET), so it is tiny.
+    """
+    pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = dict(vocab_size=67, block_size=16, n_layer=2, n_head=4, n_embd=64, **VARIANTS[variant])  # head dim 16
+    torch_model = random_model(GPTConfig(**base), seed=5).to(device).train()
+    triton_model = GPT(GPTConfig(**base, attn="triton", kernels="triton")).to(device).train()
+    triton_model.load_state_dict(torch_model.state_dict())
+    idx = torch.randint(0, 67, (2, 16), device=device)
+    targets = torch.randint(0, 67, (2, 16), device=device)
+    targets[0, :3] = -1
+    results = []
+    for model in (torch_model, triton_model):
+        logits, loss = model(idx, targets)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    assert logits is None  # the fused loss never built them
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
+    for name, g in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], g, atol=1e-4, rtol=1e-3, msg=name)
