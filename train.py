@@ -279,12 +279,11 @@ def train_step(model, optimizer, micro_batches, rt, grad_clip=1.0, loss_fn=lm_lo
 
 @torch.no_grad()
 def evaluate(model, batches, rt, loss_fn=lm_loss, count_fn=count_targets):
-    """Mean loss per counted target over the batches (of every rank), in eval mode (no dropout)."""
+    """Mean loss per counted target over the batches (on the device; of every rank), in eval mode (no dropout)."""
     model.eval()
     total = torch.zeros((), device=rt.device)
     count = torch.zeros((), device=rt.device)
     for batch in batches:
-        batch = to_device(batch, rt)
         with rt.autocast():
             total += loss_fn(model, batch).float()
         count += count_fn(batch)
@@ -436,11 +435,11 @@ def derive(cfg, rt):
     preset = cfg.preset or ("gpt2" if gpu else "mini")
     if preset not in PRESETS:
         raise TrainError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
-    max_steps = cfg.max_steps or (5000 if gpu else 1000)
+    max_steps = cfg.max_steps if cfg.max_steps is not None else (5000 if gpu else 1000)
     return replace(cfg, preset=preset, max_steps=max_steps,
-                   seq_len=cfg.seq_len or PRESETS[preset].get("block_size", 1024),
-                   data_dir=cfg.data_dir or os.path.join("data", cfg.dataset),
-                   lr=cfg.lr or (6e-4 if gpu else 3e-3),
+                   seq_len=cfg.seq_len if cfg.seq_len is not None else PRESETS[preset].get("block_size", 1024),
+                   data_dir=cfg.data_dir if cfg.data_dir is not None else os.path.join("data", cfg.dataset),
+                   lr=cfg.lr if cfg.lr is not None else (6e-4 if gpu else 3e-3),
                    warmup_steps=max_steps // 20 if cfg.warmup_steps is None else cfg.warmup_steps,
                    compile=gpu if cfg.compile is None else cfg.compile)
 
@@ -499,7 +498,7 @@ def main(cfg):
     train_loader = data.TokenLoader(cfg.data_dir, "train", B, T, rt.rank, rt.world_size, seed=cfg.seed)
     val_loader = data.TokenLoader(cfg.data_dir, "val", B, T, rt.rank, rt.world_size, shuffle=False)
     # The same validation subset at every eval, and for any number of ranks (when it divides eval_batches).
-    val_batches = [val_loader.next_batch() for _ in range(math.ceil(cfg.eval_batches / rt.world_size))]
+    val_batches = [to_device(val_loader.next_batch(), rt) for _ in range(math.ceil(cfg.eval_batches / rt.world_size))]
     val_split = meta["splits"]["val"]
     bytes_per_token = val_split["bytes"] / val_split["tokens"]
     print0(f"data {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, {val_split['tokens']:,} val "
@@ -548,8 +547,9 @@ def main(cfg):
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     # --- loop ---
-    last_loss, step_time, val_loss, val_bpb = math.nan, None, None, None
+    last_loss, step_time = math.nan, None
     saved_at = start_step if resume_path else None
+    evaluated_at, val_loss, val_bpb = None, None, None
     step = start_step
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
@@ -581,6 +581,7 @@ def main(cfg):
                 val_loss = evaluate(model, val_batches, rt)
                 val_bpb = val_loss / math.log(2) / bytes_per_token  # nats/token -> bits/byte
                 record.update(val_loss=val_loss, val_bpb=val_bpb)
+                evaluated_at = done
                 line += f"\n      val loss {val_loss:.4f} | val bpb {val_bpb:.4f}"
             print0(line)
             if rt.master:
@@ -602,7 +603,7 @@ def main(cfg):
     if rt.master and saved_at != done:
         save_checkpoint(cfg.out_dir, done, raw_model, optimizer, cfg, train_loader.state_dict(), cfg.keep_last,
                         tokenizer_hash=meta["tokenizer_hash"])
-    if val_loss is None:
+    if evaluated_at != done:
         val_loss = evaluate(model, val_batches, rt)
         val_bpb = val_loss / math.log(2) / bytes_per_token
     print0(f"done: {done} steps, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoints in {cfg.out_dir}")

@@ -86,6 +86,15 @@ def test_train_step_overfits_one_batch():
     assert losses[0] > 3.5 and losses[-1] < 0.05, (losses[0], losses[-1])
 
 
+def test_train_step_skips_the_update_on_a_nonfinite_loss():
+    model = tiny_model()
+    opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, _ = train.train_step(model, opt, [masked_batch()], CPU, loss_fn=lambda m, b: train.lm_loss(m, b) * math.inf)
+    assert not math.isfinite(loss) and not opt.state  # AdamW never stepped
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_accumulating_4x1_equals_one_batch_of_4():
     x, y = masked_batch(B=4, T=16)
     a, b = tiny_model(), tiny_model()
