@@ -266,8 +266,9 @@ def bench_train(args):
                 train.train_step(model, optimizer, [batch], rt)
             tok_s = opts.batch_size * T * opts.steps / (time.perf_counter() - t0)
             mfu = raw.estimate_mfu(tok_s, rt.device, T)
-            print(f"| {preset} | {raw.num_params() / 1e6:.2f}M | {opts.batch_size} x {T} | {'on' if compiled else 'off'} "
-                  f"| {tok_s:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} |", flush=True)
+            print(f"| {preset} | {raw.num_params() / 1e6:.2f}M | {opts.batch_size} x {T} | "
+                  f"{'on' if compiled else 'off'} | {tok_s:,.0f} | {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} |",
+                  flush=True)
             del model, raw, optimizer
             if gpu:
                 torch.cuda.empty_cache()

@@ -20,14 +20,13 @@ Run it:
     python train.py --preset small --max-steps 2000   # a larger model (see model.PRESETS)
     python train.py --resume auto                     # continue from the newest checkpoint in --out-dir
     python train.py --plot out/pretrain out/other     # overlay the loss curves of several runs
-    python train.py --sweep 1e13                      # scaling-law exercise on one FLOPs budget
+    python train.py --sweep 5e12                      # scaling-law exercise on one FLOPs budget
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --dataset fineweb-edu
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
 
 With a GPU the defaults grow (preset gpt2, bf16 autocast, torch.compile). Tests: python -m pytest -q tests/test_train.py
 """
 import argparse
-import dataclasses
 import inspect
 import json
 import math
@@ -95,8 +94,8 @@ class TrainConfig:
     stop_at: int | None = None          # end this run after this step (with a checkpoint); None = max_steps
 
 
-CHOICES = {"attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton"), "schedule": ("cosine", "wsd", "constant"),
-           "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16")}
+CHOICES = {"attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton"),
+           "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16")}
 
 
 class TrainError(Exception):
@@ -118,12 +117,13 @@ class _Parser(argparse.ArgumentParser):
 def _field_comments(cls):
     """The trailing comment of each field in the class source: it becomes the field's --help text."""
     found = re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
-    return dict(found)
+    return {name: text.replace("%", "%%") for name, text in found}  # argparse formats help with %
 
 
 def build_parser(cls, description, choices=CHOICES):
     """An argparse parser with one flag per dataclass field: max_steps -> --max-steps, bools -> --x/--no-x."""
-    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+                     allow_abbrev=False)  # no silent prefixes: --max is an error, not --max-steps
     comments = _field_comments(cls)
     for f in fields(cls):
         flag = "--" + f.name.replace("_", "-")
@@ -690,8 +690,8 @@ def cli(argv=None):
     parser = build_parser(TrainConfig, __doc__)
     parser.add_argument("--plot", nargs="+", metavar="DIR", help="overlay the loss curves of these run folders "
                         "into loss_compare.png and exit")
-    parser.add_argument("--sweep", nargs="?", const=1e13, type=float, metavar="FLOPS",
-                        help="train a few sizes on this FLOPs budget (default 1e13) and fit a power law")
+    parser.add_argument("--sweep", nargs="?", const=5e12, type=float, metavar="FLOPS",
+                        help="train a few sizes on this FLOPs budget (default 5e12: minutes on a CPU), fit a power law")
     args = parser.parse_args(argv)
     cfg = config_from_args(TrainConfig, args)
     try:

@@ -116,8 +116,8 @@ def _free_port():
 
 
 def _ddp_worker(rank, world_size, port, batches, out_path):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     rt = train.setup_runtime("cpu")
     raw = tiny_model()
     model = DDP(raw)
@@ -278,6 +278,14 @@ def expect_error(args, capsys, *fragments):
     assert err.startswith("error:") and len(err.splitlines()) == 1, err
     for fragment in fragments:
         assert fragment in err, err
+
+
+def test_help_lists_every_config_field_with_its_comment(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "--no-compile" in out and "5% of max_steps" in out
+    assert all("--" + f.name.replace("_", "-") in out for f in train.fields(train.TrainConfig))
 
 
 def test_bad_input_is_one_line_and_exit_status_2(data_dir, tmp_path, capsys):
