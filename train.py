@@ -323,8 +323,8 @@ def set_rng_states(states):
     kind, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    for i, state in enumerate(states["cuda"][:torch.cuda.device_count()]):  # one per visible GPU
+        torch.cuda.set_rng_state(state, i)
 
 
 def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_last=2, **extra):
@@ -535,7 +535,8 @@ def main(cfg):
     if rt.master:
         # Keep the records up to the starting step: a run killed after its last checkpoint logged steps
         # that the resumed run is about to log again.
-        kept = [r for r in read_metrics(cfg.out_dir) if r["step"] <= start_step] if resume_path else []
+        resumed_here = resume_path and os.path.exists(metrics_path)
+        kept = [r for r in read_metrics(cfg.out_dir) if r["step"] <= start_step] if resumed_here else []
         if not resume_path and list_checkpoints(cfg.out_dir):
             print0(f"fresh run: deleting the checkpoints of an earlier run in {cfg.out_dir}")
             for old in list_checkpoints(cfg.out_dir):
@@ -576,6 +577,7 @@ def main(cfg):
                     f"{tok_s:,.0f} tok/s")
             if mfu is not None:
                 line += f" | MFU {100 * mfu:.1f}%"
+                record["mfu"] = mfu
             line += f" | ETA {format_eta(step_time * (cfg.max_steps - done))}"
             if is_eval:
                 val_loss = evaluate(model, val_batches, rt)

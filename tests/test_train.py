@@ -249,6 +249,12 @@ def test_checkpoints_keep_the_last_k_and_hold_no_wrapper_prefixes(data_dir, tmp_
     assert set(ckpt["rng"]) == {"python", "numpy", "torch", "cuda"} and ckpt["config"]["max_steps"] == 6
 
 
+def test_resume_from_a_checkpoint_path_into_a_new_folder(data_dir, tmp_path):
+    train.main(tiny_cfg(data_dir, tmp_path / "a", max_steps=2))
+    result = train.main(tiny_cfg(data_dir, tmp_path / "b", max_steps=4, resume=str(tmp_path / "a" / "ckpt_000002.pt")))
+    assert result["step"] == 4 and [r["step"] for r in train.read_metrics(str(tmp_path / "b"))] == [3, 4]
+
+
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_dir, tmp_path, monkeypatch, capsys):
     forward, calls = GPT.forward, [0]
 
