@@ -254,10 +254,10 @@ def train_step(model, optimizer, micro_batches, rt, grad_clip=1.0, loss_fn=lm_lo
     loss_fn(model, batch) returns a summed loss and count_fn(batch) the number of terms in it: sft.py
     and dpo.py pass their own. On a non-finite loss or gradient norm the update is skipped.
     """
-    count = torch.stack([count_fn(b) for b in micro_batches]).sum().float()
+    count = sum(torch.as_tensor(count_fn(b), dtype=torch.float32, device=rt.device) for b in micro_batches)
     if rt.ddp:
         dist.all_reduce(count)
-    total = torch.zeros((), device=count.device)
+    total = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
         # DDP all-reduces gradients inside backward; only the last micro-step needs it (no_sync skips the rest).
         last = i == len(micro_batches) - 1
@@ -638,8 +638,8 @@ SWEEP_SIZES = [dict(n_layer=2, n_head=2, n_embd=64), dict(n_layer=3, n_head=4, n
 
 
 def sweep(cfg, flops_budget, sizes=SWEEP_SIZES):
-    """Train each size on the same FLOPs budget, then plot validation loss against compute (6 N D for the
-    tokens seen so far, with N from the model's flops_per_token) and fit L = a * C^b through the
+    """Train each size on the same FLOPs budget, then plot validation loss against compute (the model's
+    flops_per_token, 6N plus attention, times the tokens seen so far) and fit L = a * C^b through the
     compute-efficient frontier (Kaplan et al. 2020, figure 1) by least squares in log space."""
     compute_optimal(flops_budget)
     rt = setup_runtime(cfg.device, cfg.dtype)
