@@ -693,10 +693,10 @@ def is_val(text, seed, fraction):
 # --- prepare: the whole pipeline ---
 
 def resolve(cfg):
-    """Fill in the derived fields (out_dir, workers)."""
-    out_dir = cfg.out_dir or f"data/{'input' if cfg.input else cfg.dataset}"
+    """Fill in the derived fields (out_dir, workers); paths become strings, as meta.json records them."""
+    out_dir = str(cfg.out_dir or f"data/{'input' if cfg.input else cfg.dataset}")
     workers = min(cfg.workers or os.cpu_count() or 1, os.cpu_count() or 1)
-    return dataclasses.replace(cfg, out_dir=out_dir, workers=workers)
+    return dataclasses.replace(cfg, out_dir=out_dir, workers=workers, input=[str(p) for p in cfg.input])
 
 
 def _batches(path, size=1 << 22):
@@ -887,14 +887,29 @@ class TokenLoader:
 
 # --- command line ---
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag on one line (`error: ...`) and exits with status 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _field_help(cls):
-    """The trailing comment of each field in the dataclass source: the --help text."""
-    return dict(re.findall(r"^\s+(\w+):.*?#\s*(.*)$", inspect.getsource(cls), flags=re.M))
+    """The trailing comment of each field in the dataclass source: the --help text (% escaped for argparse)."""
+    found = re.findall(r"^\s+(\w+):[^#\n]*#\s*(.+)$", inspect.getsource(cls), flags=re.M)
+    return {name: text.replace("%", "%%") for name, text in found}
 
 
-def config_parser(cls=DataConfig):
-    """argparse from the dataclass: field max_bytes becomes --max-bytes, bools become --flag/--no-flag."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+def config_parser(cls=DataConfig, description=None, choices=None):
+    """argparse from a config dataclass: field max_bytes becomes --max-bytes, bools become --flag/--no-flag.
+
+    Every entry point (data.py, train.py, and the later stages) builds its command line with this, so flags,
+    help texts and errors look the same everywhere. `choices` maps field names to their allowed values.
+    """
+    choices = choices or {}
+    parser = _OneLineParser(description=description or __doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)  # no silent prefixes: --max is an error, not --max-bytes
     hints, helps = typing.get_type_hints(cls), _field_help(cls)
     for f in dataclasses.fields(cls):
         flag, kind = "--" + f.name.replace("_", "-"), hints[f.name]
@@ -907,7 +922,7 @@ def config_parser(cls=DataConfig):
         elif typing.get_origin(kind) is list:
             parser.add_argument(flag, nargs="+", type=typing.get_args(kind)[0], **kwargs)
         else:
-            parser.add_argument(flag, type=kind, **kwargs)
+            parser.add_argument(flag, type=kind, choices=choices.get(f.name), **kwargs)
     return parser
 
 

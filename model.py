@@ -21,7 +21,7 @@ Training lives in train.py; this file has no training code.
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -398,11 +398,12 @@ class GPT(nn.Module):
             if torch.is_autocast_enabled(h.device.type):  # autocast does not reach inside the kernel: cast here
                 dtype = torch.get_autocast_dtype(h.device.type)
                 h, weight = h.to(dtype), weight.to(dtype)
-            loss = cross_entropy.linear_cross_entropy(h, weight, targets.view(-1), ignore_index=-1,
+            loss = cross_entropy.linear_cross_entropy(h, weight, targets.reshape(-1), ignore_index=-1,
                                                       reduction=reduction)
             return None, loss
         logits = self._logits(x)
-        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.view(-1), ignore_index=-1, reduction=reduction)
+        loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-1,
+                               reduction=reduction)
         return logits, loss
 
     def _logits(self, x):

@@ -380,6 +380,13 @@ def test_parquet_without_pyarrow_fails_before_downloading(server, tmp_path, monk
 
 # --- shards and meta ---
 
+def test_prepare_accepts_pathlib_paths(tmp_path):
+    write_jsonl(tmp_path / "in" / "docs.jsonl", random_docs(20))
+    meta = data.prepare(DataConfig(input=[tmp_path / "in"], out_dir=tmp_path / "out", vocab_size=300))
+    assert meta["config"]["input"] == [str(tmp_path / "in")]
+    assert data.load_meta(tmp_path / "out") == meta
+
+
 def test_prepare_writes_tokenizer_shards_and_meta(prepared):
     cfg, meta = prepared
     out = Path(cfg.out_dir)

@@ -5,7 +5,6 @@ The step (overfitting, accumulation, DDP on 2 CPU processes with gloo), the sche
 command line end to end. Everything runs on the CPU on a tiny dataset that data.prepare builds from
 a few standard-library files, with a tiny vocabulary.
 """
-import json
 import math
 import os
 import signal
