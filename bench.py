@@ -253,8 +253,11 @@ def bench_train(args):
     for preset in presets:
         for compiled in modes:
             torch.manual_seed(0)
-            T = opts.seq_len or config_from_preset(preset).block_size
-            raw = GPT(config_from_preset(preset, block_size=T, attn=opts.attn, kernels=opts.kernels)).to(rt.device)
+            base = config_from_preset(preset)
+            T = opts.seq_len or base.block_size
+            vocab = 64 * -(-base.vocab_size // 64) if gpu else base.vocab_size  # padded on CUDA, as train.py does
+            raw = GPT(config_from_preset(preset, block_size=T, vocab_size=vocab, attn=opts.attn,
+                                         kernels=opts.kernels)).to(rt.device)
             model = torch.compile(raw) if compiled else raw
             optimizer = train.build_optimizer(raw, lr=3e-4, weight_decay=0.1, device=rt.device)
             tokens = torch.randint(0, raw.config.vocab_size, (opts.batch_size, T + 1), device=rt.device)
