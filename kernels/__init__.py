@@ -14,3 +14,17 @@ switched on before the kernels are imported (Triton reads it when a kernel is de
     TRITON_INTERPRET=1 python -m pytest -q tests/test_kernels.py     # tests/conftest.py sets it for you
     python -m kernels.attention                                      # a benchmark; needs a GPU
 """
+import os
+
+
+def check_device(name, *tensors):
+    """Every kernel's first check: one device for all tensors, and a CUDA GPU, or the CPU only through the
+    interpreter. Anything else is a clear error, never a wrong answer or a crash inside Triton."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
+    device = devices.pop()
+    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return
+    raise RuntimeError(f"{name} needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing kernels) for the "
+                       f"slow CPU interpreter; got tensors on {device}")

@@ -72,21 +72,11 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import check_device
+
 # Triton reads TRITON_INTERPRET when the kernels below are decorated, so we read it at the same time
 # to give the interpreter one small tile configuration instead of a GPU autotuning sweep.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def _check_device(name, *tensors):
-    """Triton kernels run on a CUDA GPU, or on the CPU only through the interpreter."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return
-    raise RuntimeError(f"{name} needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing kernels) for the "
-                       f"slow CPU interpreter; got tensors on {device}")
 
 
 def _configs(gpu_tiles, interpreter_tile):
@@ -448,7 +438,7 @@ def attention(q, k, v, causal=True, scale=None):
                          f"{q.dtype}, {k.dtype}, {v.dtype}")
     if B == 0 or T == 0:
         raise ValueError(f"attention: empty input q {tuple(q.shape)}")
-    _check_device("attention", q, k, v)
+    check_device("attention", q, k, v)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))  # the kernels need unit stride in D
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     return _Attention.apply(q, k, v, bool(causal), scale)

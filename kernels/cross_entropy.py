@@ -40,28 +40,17 @@ F.cross_entropy. A target outside [0, V) that is not ignore_index gives a nan lo
 gradients for its row instead of reading out of bounds. The matmuls run in the dtype of h and weight
 (which must match): autocast does not reach inside, so cast them before the call if you want bf16.
 """
-import os
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import check_device
+
 # Upper bound on the elements of one chunk of logits: 2^26 = 128 MB in bf16. At V = 50304 that is
 # 1334 rows per chunk: big enough for efficient matmuls, small next to the full (N, V) logits.
 MAX_CHUNK_ELEMENTS = 2 ** 26
-
-
-def _check_device(name, *tensors):
-    """Triton kernels run on a CUDA GPU, or on the CPU only through the interpreter."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return
-    raise RuntimeError(f"{name} needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing kernels) for the "
-                       f"slow CPU interpreter; got tensors on {device}")
 
 
 # --- kernel ---
@@ -199,7 +188,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, reduction="mean"):
     if h.dim() < 1 or weight.dim() != 2 or weight.shape[1] != h.shape[-1] or targets.shape != h.shape[:-1]:
         raise ValueError(f"linear_cross_entropy: expected h (..., C), weight (V, C), targets (...); got h "
                          f"{tuple(h.shape)}, weight {tuple(weight.shape)}, targets {tuple(targets.shape)}")
-    _check_device("linear_cross_entropy", h, weight, targets)
+    check_device("linear_cross_entropy", h, weight, targets)
     h2 = h.reshape(-1, h.shape[-1]).contiguous()  # (N, C)
     loss = _LinearCrossEntropy.apply(h2, weight.contiguous(), targets.reshape(-1).long().contiguous(),
                                      ignore_index, reduction)

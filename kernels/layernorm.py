@@ -33,23 +33,12 @@ in registers, and writes its partial sums to row p of a (GROUPS, N) buffer that 
 touches. After the kernel, `.sum(0)` adds the GROUPS partial rows, again in a fixed order. Same
 inputs, same device: bitwise the same gradients, with no atomics and no locks.
 """
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-
-def _check_device(name, *tensors):
-    """Triton kernels run on a CUDA GPU, or on the CPU only through the interpreter."""
-    devices = {t.device for t in tensors if t is not None}
-    if len(devices) != 1:
-        raise ValueError(f"{name}: all tensors must be on one device, got {sorted(str(d) for d in devices)}")
-    device = devices.pop()
-    if device.type == "cuda" or (device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return
-    raise RuntimeError(f"{name} needs a CUDA GPU, or TRITON_INTERPRET=1 (set before importing kernels) for the "
-                       f"slow CPU interpreter; got tensors on {device}")
+from kernels import check_device
 
 
 # --- kernels ---
@@ -210,7 +199,7 @@ def _check(name, x, weight, bias):
                          f"{tuple(x.shape)}; expected weight of shape ({x.shape[-1] if x.dim() else '?'},)")
     if bias is not None and bias.shape != weight.shape:
         raise ValueError(f"{name}: bias of shape {tuple(bias.shape)} differs from weight {tuple(weight.shape)}")
-    _check_device(name, x, weight, bias)
+    check_device(name, x, weight, bias)
 
 
 def layer_norm(x, weight, bias, eps=1e-5):
