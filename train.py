@@ -404,6 +404,10 @@ def derive(cfg, rt):
     preset = cfg.preset or ("gpt2" if gpu else "mini")
     if preset not in PRESETS:
         raise TrainError(f"--preset {preset}: choose one of {', '.join(PRESETS)}")
+    uses_triton = "triton" in (cfg.attn, cfg.kernels)
+    if uses_triton and not gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        raise TrainError(f"--attn {cfg.attn} --kernels {cfg.kernels}: the Triton kernels need a CUDA GPU; on the CPU "
+                         f"use the torch paths, or set TRITON_INTERPRET=1 for the (very slow) interpreter")
     max_steps = cfg.max_steps if cfg.max_steps is not None else (5000 if gpu else 1000)
     # GPT-2 trained on ~0.5M tokens per step (Radford et al. 2019; nanoGPT: 2^19); a CPU run takes one micro-batch.
     total_batch_tokens = cfg.total_batch_tokens if cfg.total_batch_tokens is not None else (2**19 if gpu else None)

@@ -301,6 +301,11 @@ def test_bad_input_is_one_line_and_exit_status_2(data_dir, tmp_path, capsys):
     expect_error(cli_args(data_dir, tmp_path / "run", total_batch_tokens=1000), capsys, "1000", "4", "32", "128")
 
 
+def test_triton_kernels_without_a_gpu_or_interpreter_say_why(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    expect_error(cli_args(data_dir, tmp_path / "run", attn="triton"), capsys, "need a CUDA GPU", "TRITON_INTERPRET=1")
+
+
 def test_resume_refuses_another_model_or_tokenizer(data_dir, tmp_path, capsys):
     run = tmp_path / "run"
     train.main(tiny_cfg(data_dir, run, max_steps=2))
