@@ -483,6 +483,10 @@ def main(cfg):
     print0(f"data {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, {val_split['tokens']:,} val "
            f"tokens, vocab {meta['vocab_size']}; {total_batch_tokens:,} tokens/step = {B} x {T} x "
            f"{rt.world_size} ranks x {accum} micro-steps")
+    epochs = cfg.max_steps * total_batch_tokens / meta["splits"]["train"]["tokens"]
+    if epochs > 4:  # past a few epochs repeated data stops helping (Muennighoff et al. 2023) and the model memorises
+        print0(f"note: {cfg.max_steps} steps x {total_batch_tokens:,} tokens is {epochs:.0f} epochs of this dataset; "
+               f"expect overfitting; a larger corpus (--dataset tinystories, fineweb-edu) fits this model better")
     unigram = unigram_entropy(data.TokenLoader(cfg.data_dir, "train", B, T, seed=cfg.seed + 1), meta["vocab_size"])
     print0(f"unigram baseline (token frequencies alone): {unigram:.4f} nats/token")
 
