@@ -255,7 +255,7 @@ def bench_train(args):
             torch.manual_seed(0)
             base = config_from_preset(preset)
             T = opts.seq_len or base.block_size
-            vocab = 64 * -(-base.vocab_size // 64) if gpu else base.vocab_size  # padded on CUDA, as train.py does
+            vocab = train.padded_vocab_size(base.vocab_size, rt.device_type)
             raw = GPT(config_from_preset(preset, block_size=T, vocab_size=vocab, attn=opts.attn,
                                          kernels=opts.kernels)).to(rt.device)
             model = torch.compile(raw) if compiled else raw

@@ -423,12 +423,16 @@ def derive(cfg, rt):
                    compile=gpu if cfg.compile is None else cfg.compile)
 
 
+def padded_vocab_size(vocab_size, device_type):
+    """On CUDA the vocabulary is padded up to a multiple of 64 (GPT-2's 50257 -> 50304), which makes the output
+    matmul markedly faster. The extra rows are never targets."""
+    return 64 * math.ceil(vocab_size / 64) if device_type == "cuda" else vocab_size
+
+
 def build_model_config(cfg, vocab_size, device_type="cpu"):
-    """The model for the preset and overrides; on CUDA the vocabulary is padded up to a multiple of 64
-    (GPT-2's 50257 -> 50304), which makes the output matmul markedly faster. The extra rows are never targets."""
+    """The model for the preset and overrides, with the vocabulary padded for the device."""
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
-    if device_type == "cuda":
-        vocab_size = 64 * math.ceil(vocab_size / 64)
+    vocab_size = padded_vocab_size(vocab_size, device_type)
     try:
         return config_from_preset(cfg.preset, vocab_size=vocab_size, block_size=cfg.seq_len, attn=cfg.attn,
                                   kernels=cfg.kernels, **overrides)
