@@ -160,9 +160,14 @@ def local_files(paths):
 
 
 def download(url, dest, sha256=None, retries=3, backoff=1.0):
-    """Fetch url into dest with retries; a partial file (dest.part) is resumed with an HTTP Range request."""
+    """Fetch url into dest with retries; a partial file (dest.part) is resumed with an HTTP Range request.
+
+    A file already at dest is used without a request, after the same sha256 check as a fresh download."""
     dest = Path(dest)
     if dest.exists():
+        if sha256 is not None and (got := _sha256_file(dest)) != sha256:
+            raise DataError(f"{dest}: cached file has sha256 {got}, not the expected {sha256}; "
+                            "delete it to download it again")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
@@ -231,9 +236,12 @@ def read_file(path, cfg, skipped):
         for n, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    docs.append((json.loads(line)["text"], "text", f"{path}:{n}"))
+                    doc = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise DataError(f"{path}:{n}: not a JSON object with a \"text\" field") from None
+                    doc = None
+                if not isinstance(doc, str):  # also {"text": null} or {"text": 7}
+                    raise DataError(f"{path}:{n}: not a JSON object with a \"text\" string field")
+                docs.append((doc, "text", f"{path}:{n}"))
         return docs, data
     return [(d, "text", str(path)) for d in split_text(text, cfg.doc_chars)], data
 
@@ -358,17 +366,28 @@ def redact_pii(text, counts):
 class NearDedup:
     """MinHash over word 5-shingles with LSH banding (Broder 1997; Leskovec et al., Mining of Massive
     Datasets, ch. 3). A signature is the minimum of num_perm hash permutations over a document's shingles;
-    two documents agree on each entry with probability equal to their Jaccard similarity. The signature is cut
-    into b bands of r rows; documents sharing a whole band become candidates, which happens with probability
-    1 - (1 - s^r)^b, an S-curve that rises near s = (1/b)^(1/r). Candidates are then confirmed by the fraction
-    of equal signature entries (the Jaccard estimate) against the threshold."""
+    two documents agree on each entry with probability equal to their Jaccard similarity s.
+
+    A pair is dropped after two tests in a row:
+      banding   the signature is cut into b bands of r rows; documents sharing a whole band become candidates,
+                with probability 1 - (1 - s^r)^b, an S-curve in s
+      estimate  a candidate is confirmed when its fraction of equal entries (the Jaccard estimate, a binomial
+                count over num_perm entries divided by num_perm) reaches the threshold t
+    The estimate alone has its midpoint at t (half of the pairs at exactly t reach it) and a width set by
+    num_perm: its standard deviation at s = 0.85 is sqrt(0.85 * 0.15 / 256) = 0.022, so 98.7% of the pairs
+    at 0.85 pass t = 0.8 (with 128 entries, 93.6%). Banding can only lose pairs, so r is the largest row count
+    whose S-curve still lets 99% of the pairs at exactly t through: the curve of both tests then has its
+    midpoint at t instead of wherever the banding curve happens to rise. (Banding that rises at t itself,
+    b = 10 bands of r = 12 at t = 0.8, would lose a quarter of the pairs at 0.85.) For t = 0.8: 32 bands of
+    8 rows; pairs at 0.6 become candidates 42% of the time and are then rejected by the estimate."""
 
     PRIME = 4294967291  # largest prime below 2^32: signatures fit in uint32
 
-    def __init__(self, threshold, num_perm=128, shingle=5, seed=0):
-        divisors = [b for b in range(1, num_perm + 1) if num_perm % b == 0]
-        self.bands = min(divisors, key=lambda b: abs((1 / b) ** (b / num_perm) - threshold))
-        self.rows, self.threshold, self.shingle = num_perm // self.bands, threshold, shingle
+    def __init__(self, threshold, num_perm=256, shingle=5, seed=0):
+        def band_curve(r):  # probability that a pair at exactly the threshold shares a band of r rows
+            return 1 - (1 - threshold ** r) ** (num_perm // r)
+        self.rows = max((r for r in range(1, num_perm + 1) if band_curve(r) >= 0.99), default=1)
+        self.bands, self.threshold, self.shingle = num_perm // self.rows, threshold, shingle
         rng = np.random.default_rng(seed)
         # (a * h + b) mod PRIME with a < 2^31 and h < 2^32 stays below 2^63: no uint64 overflow
         self.a = rng.integers(1, 2**31, num_perm, dtype=np.uint64)
@@ -622,6 +641,8 @@ def token_dtype(vocab_size):
 
 def write_shard(path, tokens, tokenizer_hash):
     """One shard: header then the tokens, written under a temporary name and renamed."""
+    if len(tokenizer_hash.encode()) > 16:  # struct would cut it silently, and no shard would ever match
+        raise ValueError(f"tokenizer hash {tokenizer_hash!r} is longer than the header's 16 bytes")
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
         f.write(SHARD_HEADER.pack(SHARD_MAGIC, SHARD_VERSION, tokens.itemsize, len(tokens), tokenizer_hash.encode()))
@@ -640,13 +661,14 @@ def open_shard(path, tokenizer_hash=None):
     if len(head) < SHARD_HEADER.size or head[:8] != SHARD_MAGIC:
         raise DataError(f"{path}: not a forge token shard (bad header); rerun python data.py")
     _, version, itemsize, count, tok_hash = SHARD_HEADER.unpack(head)
+    tok_hash = tok_hash.rstrip(b"\0").decode()  # struct pads a short name ("gpt2") with NULs to 16 bytes
     if version != SHARD_VERSION or itemsize not in (2, 4):
         raise DataError(f"{path}: shard version {version}, {itemsize} bytes per token is not supported")
     expected = SHARD_HEADER.size + count * itemsize
     if path.stat().st_size != expected:
         raise DataError(f"{path}: truncated or corrupt shard: {path.stat().st_size} bytes, header says {expected}")
-    if tokenizer_hash is not None and tok_hash.decode() != tokenizer_hash:
-        raise DataError(f"{path}: shard was made with tokenizer {tok_hash.decode()}, "
+    if tokenizer_hash is not None and tok_hash != tokenizer_hash:
+        raise DataError(f"{path}: shard was made with tokenizer {tok_hash}, "
                         f"but the data folder's tokenizer is {tokenizer_hash}")
     dtype = np.uint16 if itemsize == 2 else np.uint32
     return np.memmap(path, dtype=dtype, mode="r", offset=SHARD_HEADER.size, shape=(count,))

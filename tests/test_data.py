@@ -161,6 +161,11 @@ def test_gpt2_tokenizer_is_recorded_by_name_in_the_data_folder(monkeypatch, rank
     write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(30))
     meta = data.prepare(DataConfig(input=[str(tmp_path / "src")], out_dir=str(tmp_path / "out"), tokenizer="gpt2"))
     assert meta["tokenizer_hash"] == data.load_tokenizer(tmp_path / "out").hash == "gpt2"
+    # and the shards open with that name, as train.py opens them: the header's fixed 16-byte field pads it
+    for name in meta["splits"]["train"]["shards"]:
+        assert len(data.open_shard(tmp_path / "out" / name, "gpt2")) > 0
+    x, y = TokenLoader(tmp_path / "out", "train", 2, 8).next_batch()
+    assert x.shape == (2, 8)
 
 
 # --- cleaning ---
@@ -231,6 +236,29 @@ def test_minhash_estimate_tracks_jaccard():
     b = " ".join(f"w{i}" for i in range(100, 500))  # 5-shingles: Jaccard 296/496 = 0.60
     est = np.mean(nd.signature(a) == nd.signature(b))
     assert abs(est - 296 / 496) < 0.1
+
+
+def shifted_pair(n_shingles, shift, tag):
+    """Two documents of distinct words whose 5-shingle sets have Jaccard similarity exactly
+    (n_shingles - shift) / (n_shingles + shift): the second is the first moved `shift` words on."""
+    words = [f"{tag}w{i}" for i in range(n_shingles + 4 + shift)]
+    return " ".join(words[:n_shingles + 4]), " ".join(words[shift:])
+
+
+@pytest.mark.parametrize("n_shingles, shift, jaccard, least, most", [
+    (390, 10, 0.95, 0.99, 1.0),  # clear near duplicates: always caught
+    (370, 30, 0.85, 0.90, 1.0),  # just above the threshold 0.8: still caught at least 9 times in 10
+    (400, 100, 0.60, 0.0, 0.0),  # well below it: never dropped
+])
+def test_near_dedup_drops_pairs_above_the_threshold_and_keeps_those_below(n_shingles, shift, jaccard, least, most):
+    assert (n_shingles - shift) / (n_shingles + shift) == pytest.approx(jaccard)
+    trials, dropped = 200, 0
+    for seed in range(trials):  # fresh permutations and fresh words each time: independent trials
+        first, second = shifted_pair(n_shingles, shift, tag=seed)
+        nd = data.NearDedup(0.8, seed=seed)
+        assert not nd.is_duplicate(first)
+        dropped += nd.is_duplicate(second)
+    assert least <= dropped / trials <= most, f"{dropped}/{trials} pairs at Jaccard {jaccard} dropped"
 
 
 def test_report_counts_bytes_per_step_and_is_saved(prepared):
@@ -328,6 +356,18 @@ def test_download_checks_sha256_and_caches(server, tmp_path):
     with pytest.raises(DataError, match="sha256"):
         data.download(base + "/f.txt", tmp_path / "g.txt", "0" * 64)
     assert not (tmp_path / "g.txt").exists() and not (tmp_path / "g.txt.part").exists()
+
+
+def test_a_cached_download_is_checked_against_its_sha256_again(server, tmp_path):
+    base, handler = server
+    body = b"the real file\n" * 100
+    handler.FILES["/f.txt"] = body
+    sha = hashlib.sha256(body).hexdigest()
+    data.download(base + "/f.txt", tmp_path / "f.txt", sha)
+    (tmp_path / "f.txt").write_bytes(body[:-1] + b"!")  # the cached copy goes bad on disk
+    with pytest.raises(DataError, match=r"f\.txt: cached file has sha256 [0-9a-f]{64}, not the expected " + sha):
+        data.download(base + "/f.txt", tmp_path / "f.txt", sha)
+    assert len(handler.LOG) == 1  # refused from the cache, without asking the server
 
 
 def test_download_resumes_a_partial_file_with_range(server, tmp_path):
@@ -531,6 +571,8 @@ def run_main(argv, capsys):
     (lambda p: (p.mkdir(), (p / "b.txt").write_bytes(b"\x89PNG\x00\x00")), r"no documents left.*1 binary"),
     (lambda p: (p.mkdir(), (p / "l.txt").write_bytes("caf\xe9 latin-1".encode("latin-1"))), r"1 not_utf8"),
     (lambda p: (p.mkdir(), (p / "j.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')), r"j.jsonl:2: not a JSON"),
+    (lambda p: (p.mkdir(), (p / "n.jsonl").write_text('{"text": "ok"}\n{"text": null}\n')), r"n.jsonl:2: not a JSON"),
+    (lambda p: (p.mkdir(), (p / "k.jsonl").write_text('{"text": 7}\n')), r"k.jsonl:1: not a JSON"),
     (lambda p: write_jsonl(p / "d.jsonl", ["x"]) and ["--vocab-size", "100"], r"--vocab-size 100 is below 256"),
 ])
 def test_bad_input_is_one_line_exit_2_and_leaves_nothing(make, message, tmp_path, capsys):
