@@ -290,6 +290,7 @@ def filter_logits(logits, top_k=None, top_p=None):
         probs = F.softmax(sorted_logits.float(), dim=-1)
         mass_above = probs.cumsum(dim=-1) - probs  # probability of the tokens ranked strictly higher
         drop_sorted = mass_above >= top_p
+        drop_sorted[:, 0] = False  # the most likely token has nothing above it: with top_p=0 it is all that is left
         drop = drop_sorted.scatter(-1, order, drop_sorted)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
@@ -306,7 +307,9 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
 # --- the GPT ---
 
 # Peak dense bf16 tensor-core FLOP/s per GPU, from the vendors' datasheets (without sparsity).
-# Matched against torch.cuda.get_device_name in this order, so "H100 PCIe" is tried before "H100".
+# A key matches when its words appear, in order and whole, among the words of torch.cuda.get_device_name
+# ("NVIDIA H100 PCIe", "NVIDIA A100-SXM4-80GB"): "L4" is not read inside "L40S", nor "H200" inside "GH200".
+# When several keys match ("H100" and "H100 PCIe"), the one with the most words wins, so order does not matter.
 PEAK_BF16_FLOPS = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
@@ -316,16 +319,26 @@ PEAK_BF16_FLOPS = [
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L4", 121e12),
+    ("L40", 181e12),
+    ("L40S", 362e12),
     ("RTX 4090", 165e12),
 ]
 
 
+def _words(name):
+    return name.replace("-", " ").replace("_", " ").split()
+
+
 def peak_flops(device_name):
     """Peak bf16 FLOP/s of a GPU by name, or None when it is not in the table (never a guess)."""
+    words = _words(device_name)
+    best = None
     for key, flops in PEAK_BF16_FLOPS:
-        if key in device_name:
-            return flops
-    return None
+        k = _words(key)
+        found = any(words[i:i + len(k)] == k for i in range(len(words) - len(k) + 1))
+        if found and (best is None or len(k) > best[0]):
+            best = (len(k), flops)
+    return best[1] if best else None
 
 
 class GPT(nn.Module):

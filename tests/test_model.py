@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
+from model import PEAK_BF16_FLOPS, GPT, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
+from model import sample_next
 
 # Small configs that together touch every switch: positions, norms, MLPs, GQA/MQA, QK-norm, soft-capping.
 VARIANTS = {
@@ -127,6 +128,34 @@ def test_sampling_is_reproducible_with_a_seed_and_stops_on_stop_tokens():
     assert c.shape[1] == first + 1 and c[0, -1].item() == stop
 
 
+def test_stop_tokens_pad_each_finished_row_while_the_others_go_on():
+    model = random_model(small_config())
+    prompt = torch.tensor([[1, 2], [3, 4], [5, 6]])
+    free = model.generate(prompt, 12, temperature=0)  # greedy: each row's tokens are fixed
+    stop = free[0, 4].item()  # row 0's third new token
+    stopped = model.generate(prompt, 12, temperature=0, stop_tokens=[stop])
+    ends = []
+    for row in range(3):
+        new, free_new = stopped[row, 2:], free[row, 2:]
+        hits = (free_new == stop).nonzero()
+        end = hits[0].item() + 1 if len(hits) else len(free_new)  # tokens up to and including the stop
+        assert torch.equal(new[:end], free_new[:end]), row
+        assert (new[end:] == stop).all(), f"row {row} is not padded with its stop token after it stopped"
+        ends.append(end if len(hits) else None)
+    # it ran until every row stopped, or to the end when some row never did
+    assert stopped.shape[1] == 2 + (12 if None in ends else max(ends))
+
+
+def test_generate_with_a_tiny_top_p_is_greedy():
+    model = random_model(small_config())
+    prompt = torch.tensor([[1, 2], [3, 4]])
+    greedy = model.generate(prompt, 10, temperature=0)
+    for top_p in (0.0, 1e-6):  # only the most likely token is left to sample
+        assert torch.equal(model.generate(prompt, 10, temperature=1.0, top_p=top_p, seed=0), greedy), top_p
+    nucleus = model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=0)
+    assert torch.equal(nucleus, model.generate(prompt, 10, temperature=1.0, top_p=0.9, seed=0))
+
+
 def test_generate_restores_training_mode():
     model = GPT(small_config(dropout=0.1)).train()
     model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
@@ -181,6 +210,12 @@ def test_at_least_one_token_always_survives():
         kept = torch.isfinite(filter_logits(logits, **kwargs))
         assert (kept.sum(dim=-1) >= 1).all(), kwargs
     assert torch.isfinite(filter_logits(logits, top_p=1e-9))[0].tolist() == [False, True, False]
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token_and_samples_it():
+    logits = torch.tensor([[0.0, 10.0, -3.0], [2.0, 1.0, 3.0]])
+    assert torch.isfinite(filter_logits(logits, top_p=0.0)).tolist() == [[False, True, False], [False, False, True]]
+    assert sample_next(logits, temperature=1.0, top_p=0.0).flatten().tolist() == [1, 2]
 
 
 def test_top_p_one_and_top_k_none_leave_the_distribution_unchanged():
@@ -265,6 +300,22 @@ def test_flops_per_token_is_6n_plus_the_attention_term():
     n_matmul = model.num_params() - model.transformer.wpe.weight.numel()
     assert model.flops_per_token(0) == 6 * n_matmul
     assert model.flops_per_token(24) - model.flops_per_token(8) == 12 * 2 * 32 * 16
+
+
+@pytest.mark.parametrize("name, flops", [
+    ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12),
+    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 NVL", 835e12),
+    ("NVIDIA GH200 480GB", 989e12), ("NVIDIA H200", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("NVIDIA A10", None), ("NVIDIA L4X", None),
+])
+def test_peak_flops_matches_whole_names(name, flops):
+    """Names as torch.cuda.get_device_name gives them; "L4" must not be read inside "L40S"."""
+    assert peak_flops(name) == flops
+
+
+def test_no_peak_flops_entry_shadows_another():
+    for key, flops in PEAK_BF16_FLOPS:
+        assert peak_flops(f"NVIDIA {key}") == flops, key
 
 
 def test_mfu_is_none_where_the_peak_is_unknown():
