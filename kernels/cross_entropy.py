@@ -141,7 +141,7 @@ def _chunked_loss_and_grads(h, weight, targets, ignore_index, scale, need_grad):
 class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, h, weight, targets, ignore_index, reduction):
+    def forward(ctx, h, weight, targets, ignore_index, reduction, grad_enabled):
         with torch.autocast(h.device.type, enabled=False):
             N = h.shape[0]
             valid = (targets != ignore_index).sum()  # a tensor: no host synchronisation
@@ -149,7 +149,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scale = (1.0 / valid.float()).reshape(1).expand(N)  # inf when all ignored; those rows write 0
             else:
                 scale = torch.ones(1, dtype=torch.float32, device=h.device).expand(N)
-            need_grad = (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reduction != "none"
+            # needs_input_grad stays True under torch.no_grad(), so grad_enabled is read by the caller (inside
+            # forward grad mode is always off): evaluation gets the loss without a (V, C) weight gradient.
+            need_grad = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]) and reduction != "none"
             loss, dh, dweight = _chunked_loss_and_grads(h, weight, targets, ignore_index, scale, need_grad)
         ctx.reduction, ctx.ignore_index = reduction, ignore_index
         if reduction == "none":
@@ -165,9 +167,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             with torch.autocast(h.device.type, enabled=False):
                 scale = grad_output.float().contiguous()  # (N,): one gradient scale per row
                 _, dh, dweight = _chunked_loss_and_grads(h, weight, targets, ctx.ignore_index, scale, True)
-            return dh, dweight.to(weight.dtype), None, None, None
+            return dh, dweight.to(weight.dtype), None, None, None, None
         dh, dweight = ctx.saved_tensors
-        return dh * grad_output, dweight * grad_output, None, None, None
+        return dh * grad_output, dweight * grad_output, None, None, None, None
 
 
 # --- public function ---
@@ -191,7 +193,7 @@ def linear_cross_entropy(h, weight, targets, ignore_index=-1, reduction="mean"):
     check_device("linear_cross_entropy", h, weight, targets)
     h2 = h.reshape(-1, h.shape[-1]).contiguous()  # (N, C)
     loss = _LinearCrossEntropy.apply(h2, weight.contiguous(), targets.reshape(-1).long().contiguous(),
-                                     ignore_index, reduction)
+                                     ignore_index, reduction, torch.is_grad_enabled())
     return loss.reshape(targets.shape) if reduction == "none" else loss
 
 

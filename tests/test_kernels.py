@@ -8,6 +8,7 @@ is slow, so shapes are tiny, chosen to hit the edges: lengths that are not block
 token, head dims that are not powers of two, grouped-query attention. With a GPU the same cases run
 in bfloat16 and float16 against the reference computed in float32 from the same inputs.
 """
+import math
 import os
 
 import pytest
@@ -28,7 +29,7 @@ DEVICE_DTYPES = [
     pytest.param("cuda", torch.bfloat16, id="cuda-bf16", marks=_NO_GPU),
     pytest.param("cuda", torch.float16, id="cuda-fp16", marks=_NO_GPU),
 ]
-# (atol, rtol) per dtype, for results of order one.
+# (atol, rtol) per dtype, for results of order one. _check_against_ref scales them for larger results.
 TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (3e-2, 2e-2), torch.float16: (5e-3, 5e-3)}
 
 
@@ -46,15 +47,22 @@ def _run(fn, inputs, grad_out_seed=0):
     return out.float(), [d.float() for d in grads]
 
 
-def _check_against_ref(fn, ref, inputs, dtype):
-    """fn on inputs in dtype against ref on the same values in float32: output and every gradient."""
+def _check_against_ref(fn, ref, inputs, dtype, scale=1.0, out_terms=1):
+    """fn on inputs in dtype against ref on the same values in float32: output and every gradient.
+
+    The tolerances are for results of order one. Rounding errors grow with the values, so `scale` (the
+    size of the inputs, e.g. 100 for logits x100) multiplies the absolute tolerance of everything. An output
+    that is a sum of out_terms order-one terms (a "sum" loss) gets out_terms times the absolute tolerance and
+    no relative one: rtol=2e-2 on a summed loss of ~80 nats would let 1.6 nats of error through.
+    """
     out, grads = _run(fn, [_leaf(t, dtype) if t.is_floating_point() else t for t in inputs])
     # The reference sees the same values, rounded to dtype, and computes in float32.
     out_ref, grads_ref = _run(ref, [_leaf(t.to(dtype), torch.float32) if t.is_floating_point() else t for t in inputs])
     atol, rtol = TOL[dtype]
-    torch.testing.assert_close(out, out_ref, atol=atol, rtol=rtol, equal_nan=True)
+    out_atol, out_rtol = (atol * scale * out_terms, 0.0) if out_terms > 1 else (atol * scale, rtol)
+    torch.testing.assert_close(out, out_ref, atol=out_atol, rtol=out_rtol, equal_nan=True)
     for i, (d, d_ref) in enumerate(zip(grads, grads_ref)):
-        torch.testing.assert_close(d, d_ref, atol=atol, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
+        torch.testing.assert_close(d, d_ref, atol=atol * scale, rtol=rtol, msg=lambda m: f"gradient {i}: {m}")
 
 
 # --- layer_norm / rms_norm ---
@@ -82,13 +90,43 @@ def test_rms_norm_matches_ref(device, dtype, shape):
     _check_against_ref(rms_norm, rms_norm_ref, [x, w], dtype)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+def test_norms_of_constant_tiny_and_huge_rows_match_ref(device, dtype, norm):
+    """A constant row has variance 0 and a row of size 1e-3 has variance 1e-6, below eps=1e-5: without eps in
+    the kernel both divide by ~0. Rows of size 1e3 check the mean is taken out before squaring."""
+    torch.manual_seed(0)
+    N, eps = 40, 1e-5
+    x = torch.randn(6, N, device=device)
+    x[0] = 3.0                  # constant: xhat = 0, rstd = 1/sqrt(eps)
+    x[1] = -0.25                # constant, another value
+    x[2] *= 1e-3                # tiny: eps dominates the variance
+    x[3] = x[3] * 1e3 + 5e3     # huge, far from zero
+    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    # dx is of order rstd = 1/sqrt(var + eps), up to 316 here: the tolerance scales with it
+    if norm == "layer_norm":
+        _check_against_ref(lambda x, w, b: layer_norm(x, w, b, eps), lambda x, w, b: layer_norm_ref(x, w, b, eps),
+                           [x, w, b], dtype, scale=eps ** -0.5)
+    else:
+        _check_against_ref(lambda x, w: rms_norm(x, w, eps), lambda x, w: rms_norm_ref(x, w, eps), [x, w], dtype,
+                           scale=eps ** -0.5)
+    y = (layer_norm(x, w, b, eps) if norm == "layer_norm" else rms_norm(x, w, eps)).float()
+    assert torch.isfinite(y).all()
+    if norm == "layer_norm":
+        torch.testing.assert_close(y[0], b, atol=1e-3, rtol=0)  # a constant row normalises to 0: y = b
+
+
+# On the CPU interpreter the programs of a launch run one after another in a fixed order, so any kernel,
+# even one that adds into shared buffers with atomics, gives the same bits twice: this test cannot fail
+# there and runs on a GPU only, where programs race and an order-dependent reduction shows up at once.
+@_NO_GPU
 @pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
 def test_norm_weight_grads_are_bitwise_deterministic(norm):
     torch.manual_seed(0)
-    device = DEV
-    M, N = (77, 48) if device == "cpu" else (8192, 768)  # on a GPU: many rows per program, many programs
-    x, dy = torch.randn(M, N, device=device), torch.randn(M, N, device=device)
-    w, b = torch.randn(N, device=device), torch.randn(N, device=device)
+    M, N = 8192, 768  # many rows per program, many programs
+    x = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    w, b = torch.randn(N, device="cuda", dtype=torch.bfloat16), torch.randn(N, device="cuda", dtype=torch.bfloat16)
 
     def grads():
         ww, bb = w.clone().requires_grad_(), b.clone().requires_grad_()
@@ -96,10 +134,12 @@ def test_norm_weight_grads_are_bitwise_deterministic(norm):
         y.backward(dy)
         return ww.grad, bb.grad
 
-    (dw1, db1), (dw2, db2) = grads(), grads()
-    assert torch.equal(dw1, dw2)
-    if norm == "layer_norm":
-        assert torch.equal(db1, db2)
+    first = grads()
+    for _ in range(5):
+        again = grads()
+        assert torch.equal(first[0], again[0])
+        if norm == "layer_norm":
+            assert torch.equal(first[1], again[1])
 
 
 def test_norms_reject_bad_inputs():
@@ -124,7 +164,47 @@ def test_linear_cross_entropy_matches_ref(device, dtype, reduction, monkeypatch)
     targets = torch.randint(0, V, (N,), device=device)
     targets[::3] = -1  # ignored
     _check_against_ref(lambda h, w: linear_cross_entropy(h, w, targets, reduction=reduction),
-                       lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction=reduction), [h, w], dtype)
+                       lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction=reduction), [h, w], dtype,
+                       out_terms=int((targets != -1).sum()) if reduction == "sum" else 1)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_linear_cross_entropy_of_huge_logits_matches_ref(device, dtype):
+    """Logits x100 (up to ~400): exp(z) overflows float32 past 88, so only a kernel that subtracts the
+    running max gets a finite loss; a constant row (all logits equal) gives exactly log V."""
+    torch.manual_seed(0)
+    N, C, V = 7, 16, 100
+    h, w = torch.randn(N, C, device=device) * 100, torch.randn(V, C, device=device) / C ** 0.5
+    h[0] = 0.0  # all logits 0: loss log V
+    targets = torch.randint(0, V, (N,), device=device)
+    _check_against_ref(lambda h, w: linear_cross_entropy(h, w, targets, reduction="none"),
+                       lambda h, w: linear_cross_entropy_ref(h, w, targets, reduction="none"), [h, w], dtype,
+                       scale=100)
+    loss = linear_cross_entropy(h.to(dtype), w.to(dtype), targets, reduction="none")
+    assert torch.isfinite(loss).all() and loss[0].item() == pytest.approx(math.log(V), abs=1e-3)
+
+
+def test_linear_cross_entropy_under_no_grad_computes_no_gradients(monkeypatch):
+    """evaluate() runs under torch.no_grad(): the loss alone, without a (V, C) float32 weight gradient."""
+    asked = []
+    real = kernels.cross_entropy._chunked_loss_and_grads
+
+    def spy(*args):
+        asked.append(args[-1])  # need_grad
+        return real(*args)
+    monkeypatch.setattr(kernels.cross_entropy, "_chunked_loss_and_grads", spy)
+    h = torch.randn(5, 8, device=DEV, requires_grad=True)
+    w = torch.randn(10, 8, device=DEV, requires_grad=True)
+    targets = torch.randint(0, 10, (5,), device=DEV)
+    with torch.no_grad():
+        no_grad_loss = linear_cross_entropy(h, w, targets, reduction="sum")
+    with torch.inference_mode():
+        linear_cross_entropy(h, w, targets)
+    assert asked == [False, False] and not no_grad_loss.requires_grad
+    loss = linear_cross_entropy(h, w, targets, reduction="sum")  # with grad mode on, the gradients as before
+    assert asked[-1] is True and loss.item() == pytest.approx(no_grad_loss.item())
+    loss.backward()
+    assert h.grad is not None and w.grad is not None
 
 
 def test_linear_cross_entropy_takes_leading_dims_and_other_ignore_index():
@@ -192,6 +272,20 @@ def test_attention_matches_ref(device, dtype, B, H, H_kv, T, D, causal):
     k, v = torch.randn(B, H_kv, T, D, device=device), torch.randn(B, H_kv, T, D, device=device)
     _check_against_ref(lambda q, k, v: attention(q, k, v, causal=causal),
                        lambda q, k, v: attention_ref(q, k, v, causal=causal), [q, k, v], dtype)
+
+
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_of_huge_scores_matches_ref(device, dtype, causal):
+    """Scores x30 (up to ~150): exp overflows float32 past 88, so this fails without the running-max
+    subtraction of the online softmax; softmax rows are nearly one-hot, the hardest case for its rescaling."""
+    torch.manual_seed(0)
+    B, H, T, D = 1, 2, 40, 16
+    q = torch.randn(B, H, T, D, device=device) * 30
+    k, v = torch.randn(B, H, T, D, device=device), torch.randn(B, H, T, D, device=device)
+    # dk = dS^T q carries the factor 30 of q: the tolerance scales with it
+    _check_against_ref(lambda q, k, v: attention(q, k, v, causal=causal),
+                       lambda q, k, v: attention_ref(q, k, v, causal=causal), [q, k, v], dtype, scale=30)
 
 
 def test_attention_takes_transposed_views_and_a_scale():
