@@ -295,6 +295,42 @@ def test_tiny_preset_has_a_few_hundred_thousand_parameters():
     assert 100_000 < GPT(config_from_preset("tiny")).num_params() < 1_000_000
 
 
+@pytest.mark.parametrize("variant", list(VARIANTS))  # includes untied embeddings (lm_head is its own matmul)
+def test_flops_per_token_matches_torch_flop_counter(variant):
+    """flops_per_token against PyTorch's own count of the matmuls in one forward and backward.
+
+    attn="naive" makes the attention two explicit matmuls over the full T x T square, as the formula counts
+    it. FlopCounterMode counts matmuls only, while the formula's 6N also charges the biases and norm gains
+    (vectors: no matmul) 6 FLOPs each, so those are taken out before comparing.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    config = small_config(attn="naive", **VARIANTS[variant])
+    model = random_model(config).train()
+    B, T = 2, 24
+    idx = torch.randint(0, config.vocab_size, (B, T))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    vectors = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    assert counter.get_total_flops() / (B * T) == model.flops_per_token(T) - 6 * vectors
+
+
+@pytest.mark.parametrize("name, count", [
+    ("gpt2", 124_439_808), ("gpt2-medium", 354_823_168), ("gpt2-large", 774_030_080), ("gpt2-xl", 1_557_611_200),
+])
+def test_gpt2_presets_have_the_parameter_counts_of_openais_checkpoints(name, count):
+    with torch.device("meta"):  # no memory: only the shapes are built
+        model = GPT(config_from_preset(name))
+    assert model.num_params() == count
+
+
+@pytest.mark.parametrize("name, millions", [("tiny", 0.28), ("mini", 1.35), ("small", 13.9)])
+def test_small_presets_have_the_sizes_the_readme_gives(name, millions):
+    with torch.device("meta"):
+        n = GPT(config_from_preset(name)).num_params()
+    assert n == expected_param_count(config_from_preset(name))
+    assert round(n / 1e6, 2 if millions < 10 else 1) == millions
+
+
 def test_flops_per_token_is_6n_plus_the_attention_term():
     model = GPT(small_config())
     n_matmul = model.num_params() - model.transformer.wpe.weight.numel()
