@@ -57,6 +57,7 @@ class TrainConfig:
     attn: str = "sdpa"                  # attention implementation: sdpa, naive or triton (kernels/)
     kernels: str = "torch"              # norms and loss: torch, or triton (kernels/)
     grad_checkpointing: bool = False    # recompute each block in backward: less memory, ~30% more compute
+    dropout: float = 0.0                # dropout probability on embeddings, attention and residual branches
     # data
     dataset: str = "stdlib"             # data.py dataset, prepared into --data-dir when missing
     data_dir: str | None = None         # folder with meta.json, tokenizer and shards; None = data/<dataset>
@@ -78,13 +79,14 @@ class TrainConfig:
     device: str | None = None           # cpu or cuda; None = cuda when available
     dtype: str | None = None            # float32 or bfloat16 (autocast); None = bfloat16 on CUDA, float32 on CPU
     compile: bool | None = None         # torch.compile the model; None = on with CUDA, off on CPU
-    seed: int = 1337                    # seeds the weights, the data order and sampling
+    seed: int = 1337                    # seeds the weights, the data order, dropout and sampling
+    threads: int | None = None          # CPU threads of torch's ops; None = torch's default (under torchrun: split)
     # evaluation, logging, checkpoints
-    eval_every: int = 250               # steps between validation passes (and loss.png refreshes)
+    eval_every: int = 250               # steps between validation passes (and loss.png refreshes); at least 1
     eval_batches: int = 20              # micro-batches in the fixed validation subset, over all devices
-    log_every: int = 10                 # steps between progress lines and metrics.jsonl records
-    save_every: int = 500               # steps between checkpoints (one is always saved at the end)
-    keep_last: int = 2                  # checkpoints kept in out_dir; older ones are deleted
+    log_every: int = 10                 # steps between progress lines and metrics.jsonl records; at least 1
+    save_every: int = 500               # steps between checkpoints (one is always saved at the end); at least 1
+    keep_last: int = 2                  # checkpoints kept in out_dir (at least 1); older ones are deleted
     samples: int = 3                    # samples printed at the end
     sample_tokens: int = 64             # tokens per sample
     out_dir: str = "out/pretrain"       # run folder: checkpoints, metrics.jsonl, loss.png
@@ -135,9 +137,13 @@ class Runtime:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def setup_runtime(device=None, dtype=None):
+def setup_runtime(device=None, dtype=None, threads=None):
     """Device, dtype and DDP for this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
-    variables); a plain `python` run has none of them and is rank 0 of 1. NCCL on CUDA, gloo on the CPU."""
+    variables); a plain `python` run has none of them and is rank 0 of 1. NCCL on CUDA, gloo on the CPU.
+    threads sets torch's CPU threads (on a shared 2-core machine the default can make a tiny model's step
+    several times slower); None keeps torch's default, split between the processes of a node under DDP."""
+    if threads is not None and threads < 1:
+        raise TrainError(f"--threads {threads}: must be at least 1 (or leave it out for torch's default)")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -149,7 +155,9 @@ def setup_runtime(device=None, dtype=None):
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls outside autocast use TF32 tensor cores
         torch.backends.cudnn.allow_tf32 = True
-    elif world_size > 1:
+    if threads is not None:
+        torch.set_num_threads(threads)
+    elif device_type == "cpu" and world_size > 1:
         # Processes of one node share its cores; oversubscribed threads slow every one of them down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     dtype = dtype or ("bfloat16" if device_type == "cuda" else "float32")
@@ -308,6 +316,8 @@ def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_
     previous checkpoint stays the newest complete one. Everything is a tensor or a plain Python value, so
     load_checkpoint can use torch.load(weights_only=True), which runs no pickled code.
     """
+    if keep_last < 1:
+        raise ValueError(f"keep_last={keep_last}: keep at least the checkpoint being saved")
     ckpt = {"step": step, "model": model.state_dict(), "model_config": asdict(model.config),
             "optimizer": optimizer.state_dict(), "config": asdict(config), "loader": loader_state,
             "rng": rng_states(), **extra}
@@ -318,7 +328,7 @@ def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    for old in list_checkpoints(out_dir)[:-keep_last]:
+    for old in list_checkpoints(out_dir)[:-keep_last]:  # keep_last >= 1: [:-0] would keep them all
         os.remove(old)
     return path
 
@@ -404,6 +414,9 @@ def prepare_data(cfg, rt):
 
 def derive(cfg, rt):
     """Fill every field left at None from the device (a CPU-sized run on CPU, a GPT-2 run on CUDA)."""
+    for name in ("eval_every", "log_every", "save_every", "keep_last", "eval_batches", "batch_size"):
+        if getattr(cfg, name) < 1:  # steps are counted modulo these; keep_last 0 would keep every checkpoint
+            raise TrainError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
     gpu = rt.device_type == "cuda"
     preset = cfg.preset or ("gpt2" if gpu else "mini")
     if preset not in PRESETS:
@@ -435,7 +448,7 @@ def build_model_config(cfg, vocab_size, device_type="cpu"):
     vocab_size = padded_vocab_size(vocab_size, device_type)
     try:
         return config_from_preset(cfg.preset, vocab_size=vocab_size, block_size=cfg.seq_len, attn=cfg.attn,
-                                  kernels=cfg.kernels, **overrides)
+                                  kernels=cfg.kernels, dropout=cfg.dropout, **overrides)
     except ValueError as e:
         raise TrainError(str(e)) from None
 
@@ -461,7 +474,7 @@ def format_eta(seconds):
 def main(cfg):
     """Pretrain a GPT as cfg says; returns a summary dict (final val loss and bpb, params, paths)."""
     # --- setup ---
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     cfg = derive(cfg, rt)
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise TrainError(f"--out-dir {cfg.out_dir} is a file; give a folder")
@@ -471,7 +484,7 @@ def main(cfg):
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     print0(f"device {rt.device} x {rt.world_size}, dtype {str(rt.dtype).removeprefix('torch.')}, "
-           f"compile {cfg.compile}, preset {cfg.preset}")
+           f"compile {cfg.compile}, preset {cfg.preset}, {torch.get_num_threads()} threads")
 
     # --- data ---
     meta = prepare_data(cfg, rt)
@@ -634,7 +647,7 @@ def sweep(cfg, flops_budget, sizes=SWEEP_SIZES):
     flops_per_token, 6N plus attention, times the tokens seen so far) and fit L = a * C^b through the
     compute-efficient frontier (Kaplan et al. 2020, figure 1) by least squares in log space."""
     compute_optimal(flops_budget)
-    rt = setup_runtime(cfg.device, cfg.dtype)
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     base = derive(cfg, rt)
     meta = prepare_data(base, rt)
     points = []  # (compute, val_loss, label)

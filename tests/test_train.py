@@ -207,12 +207,19 @@ train.cli(sys.argv[1:])
 """
 
 
+def steps_logged(out_dir):
+    """The raw sequence of logged steps: a duplicated or missing record shows here, not in a dict."""
+    return [r["step"] for r in train.read_metrics(str(out_dir))]
+
+
 def test_resume_continues_bitwise_after_a_stop_and_after_kill_9(data_dir, tmp_path):
-    common = dict(max_steps=8, save_every=4)
+    # Dropout draws from torch's generator at every step, so a resume that failed to restore the RNG
+    # states would change the losses after step 4, not only one that lost the weights or the data position.
+    common = dict(max_steps=8, save_every=4, dropout=0.1)
     straight = run_cli(["train.py", *cli_args(data_dir, tmp_path / "straight", **common)])
     assert straight.returncode == 0, straight.stderr
     reference = losses(tmp_path / "straight")
-    assert sorted(reference) == list(range(1, 9)) and len(set(reference.values())) == 8
+    assert steps_logged(tmp_path / "straight") == list(range(1, 9)) and len(set(reference.values())) == 8
 
     stopped = run_cli(["train.py", *cli_args(data_dir, tmp_path / "stopped", **common, stop_at=4)])
     assert stopped.returncode == 0, stopped.stderr
@@ -226,6 +233,7 @@ def test_resume_continues_bitwise_after_a_stop_and_after_kill_9(data_dir, tmp_pa
         resumed = run_cli(["train.py", *cli_args(data_dir, tmp_path / name, **common, resume="auto")])
         assert resumed.returncode == 0, resumed.stderr
         assert "resumed from" in resumed.stdout and "step 4" in resumed.stdout
+        assert steps_logged(tmp_path / name) == list(range(1, 9)), name  # killed run's steps 5, 6 not twice
         assert losses(tmp_path / name) == reference, name  # bitwise: the floats compare equal
 
 
@@ -277,13 +285,32 @@ def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(data_d
     monkeypatch.setattr(GPT, "forward", poisoned_forward)
     with pytest.raises(SystemExit) as exit_info:
         train.cli(cli_args(data_dir, tmp_path, max_steps=8, save_every=2))
-    assert exit_info.value.code != 0
+    assert exit_info.value.code == 1  # diverged: 1, unlike bad input (2)
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: step 5: loss nan") and "last finite loss" in err and "grad norm" in err
     assert len(err.splitlines()) == 1
     assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path))] == ["ckpt_000002.pt", "ckpt_000004.pt"]
     ckpt = train.load_checkpoint(str(tmp_path))
     assert ckpt["step"] == 4 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_nonfinite_gradient_with_a_finite_loss_stops_too(data_dir, tmp_path, monkeypatch, capsys):
+    forward, calls = GPT.forward, [0]
+
+    def poisoned_backward(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        calls[0] += 1
+        if calls[0] == 3:
+            loss.register_hook(lambda grad: grad * float("nan"))  # the loss stays finite, every gradient is nan
+        return logits, loss
+    monkeypatch.setattr(GPT, "forward", poisoned_backward)
+    with pytest.raises(SystemExit) as exit_info:
+        train.cli(cli_args(data_dir, tmp_path, max_steps=6, save_every=2))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: step 3: loss ") and "grad norm nan" in err and "loss nan" not in err, err
+    ckpt = train.load_checkpoint(str(tmp_path))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
 
 
 # --- bad input ---
@@ -312,6 +339,42 @@ def test_bad_input_is_one_line_and_exit_status_2(data_dir, tmp_path, capsys):
     (tmp_path / "file").write_text("not a folder")
     expect_error(cli_args(data_dir, tmp_path / "file"), capsys, "is a file")
     expect_error(cli_args(data_dir, tmp_path / "run", total_batch_tokens=1000), capsys, "1000", "4", "32", "128")
+
+
+@pytest.mark.parametrize("flag", ["eval_every", "log_every", "save_every", "keep_last"])
+def test_step_intervals_and_keep_last_below_1_are_refused(flag, data_dir, tmp_path, capsys):
+    for value in (0, -1):
+        expect_error(cli_args(data_dir, tmp_path / "run", **{flag: value}), capsys,
+                     f"--{flag.replace('_', '-')} {value}", "at least 1")
+    assert not train.list_checkpoints(str(tmp_path / "run"))
+
+
+def test_threads_sets_torchs_cpu_threads_and_none_leaves_the_default():
+    before = torch.get_num_threads()
+    try:
+        train.setup_runtime("cpu", None, threads=1)
+        assert torch.get_num_threads() == 1
+        torch.set_num_threads(before)
+        train.setup_runtime("cpu", None, None)
+        assert torch.get_num_threads() == before
+        with pytest.raises(train.TrainError, match="--threads 0"):
+            train.setup_runtime("cpu", None, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_threads_flag_reaches_the_run(data_dir, tmp_path):
+    result = run_cli(["train.py", *cli_args(data_dir, tmp_path / "run", max_steps=1, threads=1)])
+    assert result.returncode == 0, result.stderr
+    assert "1 threads" in result.stdout
+
+
+def test_the_vocabulary_is_padded_to_64_on_cuda_only():
+    assert [train.padded_vocab_size(v, "cuda") for v in (64, 65, 50257)] == [64, 128, 50304]
+    assert train.padded_vocab_size(50257, "cpu") == 50257
+    cfg = train.TrainConfig(preset="tiny", seq_len=32)
+    assert train.build_model_config(cfg, 300, "cuda").vocab_size == 320
+    assert train.build_model_config(cfg, 300, "cpu").vocab_size == 300
 
 
 def test_triton_kernels_without_a_gpu_or_interpreter_say_why(data_dir, tmp_path, capsys, monkeypatch):
