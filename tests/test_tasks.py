@@ -120,8 +120,8 @@ def test_train_and_test_are_disjoint(kind):
         assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}
         assert {tasks.split_of(kind, e["prompt"]) for e in test} == {"test"}
         # the problems are disjoint too, not just their phrasings
-        train_fields = {json.dumps(tasks._parse(kind, e["prompt"]), sort_keys=True) for e in train}
-        assert not train_fields & {json.dumps(tasks._parse(kind, e["prompt"]), sort_keys=True) for e in test}
+        train_fields = {json.dumps(tasks.parse_prompt(kind, e["prompt"]), sort_keys=True) for e in train}
+        assert not train_fields & {json.dumps(tasks.parse_prompt(kind, e["prompt"]), sort_keys=True) for e in test}
 
 
 def test_small_problem_space_returns_every_problem_once():
@@ -164,7 +164,8 @@ def test_python_kind_never_calls_eval_or_exec(monkeypatch):
 @pytest.mark.parametrize("expr", [
     "__import__('os').system('echo hacked')", "(1).__class__", "''.__class__.__mro__", "open('x').read()",
     "x + 1", "[].append(1)", "sorted([2, 1], key=len)", "(lambda: 1)()", "'a' * 999999999", "2 ** 10",
-    "[1] * 10 ** 4", "{'a': 1}", "'ab'.format(1)", "1 if 1 else 2", "(" * 400 + "1" + ")" * 400,
+    "[1] * 10 ** 4", "'%999999999d' % 1", "sum([[1] * 999] * 999)", "{'a': 1}", "'ab'.format(1)", "1 if 1 else 2",
+    "(" * 400 + "1" + ")" * 400,
 ])
 def test_python_kind_refuses_what_is_not_whitelisted(expr, monkeypatch):
     monkeypatch.setattr(builtins, "eval", lambda *a: pytest.fail("eval called"))
@@ -269,9 +270,12 @@ def test_cli_write_makes_disjoint_editable_files(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_cli_show_and_bad_input(capsys):
+def test_cli_show_help_and_bad_input(capsys):
     tasks.main(["--show", "python", "--difficulty", "2"])
     assert "->" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        tasks.main(["--help"])
+    assert info.value.code == 0 and "--n-test" in capsys.readouterr().out
     for argv in (["--show", "divide"], ["--show", "add", "--difficulty", "9"], [], ["--show", "add", "--nn", "3"],
                  ["--write", "x", "--show", "add"]):
         with pytest.raises(SystemExit) as info:
@@ -311,8 +315,8 @@ def test_ngram_overlap_compares_short_items_whole():
     test = [e["prompt"] + "\n" + e["answer"] for e in generate("add", 1000, split="test")]
     report = tasks.ngram_overlap(train, test)
     assert report["leaked"] == 0 and report["short_test_items"] == len(test)
-    assert tasks.ngram_overlap(train, test + [train[3]])["leaks"] == [{"index": len(test), "ngram": " ".join(
-        tasks._words(train[3]))}]
+    leaks = tasks.ngram_overlap(train, test + [" ".join(train[3].upper().split())])["leaks"]
+    assert [leak["index"] for leak in leaks] == [len(test)]  # a short item equal to a training item, whole
 
 
 def conv(user, answer):
