@@ -3,9 +3,11 @@
 One file holds the whole network, readable top to bottom:
 
     config   GPTConfig and the named presets (GPT-2 family, small CPU-sized ones)
-    parts    norms, rotary positions, causal self-attention (with GQA and a KV cache), the MLP, a block
+    parts    norms, rotary positions, causal self-attention (with GQA, a KV cache and document masks for
+             packed rows), the MLP, a block
     GPT      embeddings -> n_layer blocks -> final norm -> logits and the loss
-    extras   sampling and generation with a KV cache, loading GPT-2 weights, FLOPs and MFU
+    extras   sampling and generation with a KV cache (one tensor, or a list of prompts batched with left
+             padding), growing the vocabulary, loading GPT-2 weights, FLOPs and MFU
 
 The defaults reproduce GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), so its
 weights load as a straight copy. The switches in GPTConfig turn it into a modern decoder: rotary
@@ -135,7 +137,10 @@ def rope_tables(head_dim, length, theta):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, T, D) by the tables (T, D/2); channels i and i + D/2 form a pair (the GPT-NeoX layout)."""
+    """Rotate x (B, H, T, D) by the tables (T, D/2), or (B, 1, T, D/2) when each row has its own positions.
+
+    Channels i and i + D/2 form a pair (the GPT-NeoX layout).
+    """
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.type_as(x)
@@ -149,8 +154,54 @@ def causal_mask(T_q, T_k, device):
     return torch.ones(T_q, T_k, dtype=torch.bool, device=device).tril(diagonal=offset)
 
 
+# Document masks. Supervised fine-tuning packs several short conversations into one row of block_size
+# tokens, and batched generation left-pads prompts of different lengths into one tensor. Both give each
+# token a document id (B, T): a token may attend to an earlier-or-same slot only when the ids are equal,
+# so a conversation never sees its neighbour and a real token never sees padding. Positions restart at 0
+# in each document (GPT.forward's `pos`), so a packed document computes exactly what it would alone.
+
+def document_mask(doc_q, doc_k):
+    """(B, 1, T_q, T_k) bool, True where query i may see key j: same document id and j not after i.
+
+    doc_q (B, T_q) are the ids of the queries, doc_k (B, T_k) those of all keys; the queries are the
+    last T_q of the keys. Each query sees at least itself, so no softmax row is empty (no NaN, not even
+    in a row that is all padding). Dim 1 broadcasts over the heads.
+    """
+    same = doc_q[:, :, None] == doc_k[:, None, :]  # (B, T_q, T_k)
+    return (same & causal_mask(doc_q.size(1), doc_k.size(1), doc_q.device)).unsqueeze(1)
+
+
+def left_pad(prompts, device=None):
+    """Prompts (lists of token ids, any lengths) -> idx, doc, pos, each (B, longest), prompts right-aligned.
+
+    Padding is token 0 with document id 0 and real tokens have id 1, so no real token sees padding;
+    positions count from each row's first real token (padding sits at position 0), so each row computes
+    exactly what it would alone.
+    """
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {i} of {len(prompts)} is empty: give each prompt at least one token")
+    B, T = len(prompts), max(len(p) for p in prompts)
+    idx = torch.zeros(B, T, dtype=torch.long)
+    doc = torch.zeros(B, T, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        idx[row, T - len(p):] = torch.as_tensor(p, dtype=torch.long)
+        doc[row, T - len(p):] = 1
+    n_pad = T - torch.tensor([len(p) for p in prompts])              # (B,)
+    pos = (torch.arange(T)[None, :] - n_pad[:, None]).clamp(min=0)  # (B, T)
+    return idx.to(device), doc.to(device), pos.to(device)
+
+
+def _last(t, n):
+    """The last n columns of t (B, T), or None for None (generation without document ids)."""
+    return None if t is None else t[:, -n:]
+
+
 def naive_attention(q, k, v, mask, dropout_p=0.0):
-    """The reference: explicit scores, causal mask, softmax, weighted sum. q (B, H, T_q, D), k/v (B, H, T_k, D)."""
+    """The reference: explicit scores, mask, softmax, weighted sum. q (B, H, T_q, D), k/v (B, H, T_k, D).
+
+    mask is bool, True where a query may see a key: (T_q, T_k) causal, or (B, 1, T_q, T_k) per document.
+    """
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.size(-1)))  # (B, H, T_q, T_k)
     scores = scores.masked_fill(~mask, float("-inf"))
     weights = F.softmax(scores.float(), dim=-1).type_as(q)
@@ -161,14 +212,18 @@ def naive_attention(q, k, v, mask, dropout_p=0.0):
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs one position.
 
-    Preallocated as (n_layer, B, n_kv_head, max_len, head_dim); `pos` counts the tokens already stored.
-    GPT.forward advances `pos` after the last layer has written its keys and values.
+    Preallocated as (n_layer, B, n_kv_head, max_len, head_dim); `pos` counts the slots already stored.
+    GPT.forward advances `pos` after the last layer has written its keys and values. `doc` (B, max_len)
+    holds the document id of each cached slot (0 where forward had doc=None), so that a decoded token
+    is masked against the cache. Positions need no storing: they are already inside the cached keys
+    (RoPE rotates them, learned positions were added to the residual stream before the keys were made).
     """
 
     def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.doc = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.pos, self.max_len = 0, max_len
 
     def update(self, layer, k, v):
@@ -196,7 +251,8 @@ class CausalSelfAttention(nn.Module):
             self.q_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, bias=False, kernels=config.kernels)
             self.k_norm = Norm(self.head_dim, "rmsnorm", config.norm_eps, bias=False, kernels=config.kernels)
 
-    def forward(self, x, rope=None, kv_cache=None):
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        """x (B, T, C); mask None = causal, or (B, 1, T, T_k) bool from document_mask, made once per forward."""
         B, T, C = x.shape  # batch, time, channels (n_embd)
         H, H_kv, D = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.c_attn(x).split([H * D, H_kv * D, H_kv * D], dim=2)
@@ -206,26 +262,33 @@ class CausalSelfAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.view(B, T, H_kv, D).transpose(1, 2)  # (B, heads, T, D)
         if rope is not None:
-            cos, sin = rope  # (T, D/2) for the positions of these T tokens
+            cos, sin = rope  # (T, D/2), or (B, 1, T, D/2) with per-token positions, for these T tokens
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)  # (B, H_kv, T_past + T, D)
         dropout_p = self.dropout if self.training else 0.0
         T_k = k.size(2)
-        if self.attn == "triton" and T_k == T:
+        if self.attn == "triton" and T_k == T and mask is None:
             attention, _, _ = _triton_kernels()
             y = attention.attention(q, k, v, causal=True)
         elif self.attn == "naive":
             rep = H // H_kv  # each key/value head serves `rep` query heads
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            y = naive_attention(q, k, v, causal_mask(T, T_k, x.device), dropout_p)
+            y = naive_attention(q, k, v, causal_mask(T, T_k, x.device) if mask is None else mask, dropout_p)
         else:
             # SDPA's is_causal aligns the mask to the top-left corner, right only when T_q == T_k; a single
             # decoded token sees every cached key, and a chunk after a cache needs the explicit offset mask.
-            # (triton also lands here while decoding with a cache: the kernel takes T_q == T_k only.)
-            mask = None if T_k == T or T == 1 else causal_mask(T, T_k, x.device)
+            # triton lands here too while decoding with a cache (the kernel takes T_q == T_k only) and with
+            # document masks (the kernel knows only the causal mask; on a GPU, torch's flex_attention with a
+            # block mask could skip the masked tiles instead, not built here). On the CPU at the mini preset
+            # the bool mask trains within noise of is_causal, and a float additive mask was no faster.
+            if mask is None:
+                mask = None if T_k == T or T == 1 else causal_mask(T, T_k, x.device)
+                is_causal = T_k == T
+            else:
+                is_causal = False  # the document mask already holds causality
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
-                                               is_causal=(T_k == T), enable_gqa=(H != H_kv))
+                                               is_causal=is_causal, enable_gqa=(H != H_kv))
         y = y.transpose(1, 2).contiguous().view(B, T, H * D)  # heads side by side again
         return self.resid_dropout(self.c_proj(y))
 
@@ -267,8 +330,8 @@ class Block(nn.Module):
         self.ln_2 = norm(config)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, kv_cache=None):
-        x = x + self.attn(self.ln_1(x), rope, kv_cache)
+    def forward(self, x, rope=None, kv_cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -375,30 +438,46 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, reduction="mean", kv_cache=None):
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None, pos=None, doc=None):
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
         targets (B, T) with -1 where no loss is wanted; reduction "mean" (over counted tokens) or "sum"
         (a trainer divides by the global count of targets != -1). With kv_cache, idx holds only the new
-        tokens and their positions continue after the cached ones. With kernels="triton" and targets,
-        the fused loss never builds the logits and None is returned in their place.
+        tokens, which go into the slots after the cached ones. With kernels="triton" and targets, the
+        fused loss never builds the logits and None is returned in their place.
+
+        pos (B, T) long: the position of each token, each below block_size (packed documents restart at
+        0, left-padded prompts count from their first real token). None = slots start..start+T-1, where
+        start = kv_cache.pos (0 without a cache).
+        doc (B, T) integer ids: a token attends only to earlier-or-same slots with the same id (packing
+        several documents per row; padding given its own id). With kv_cache the ids are stored with the
+        keys, so later tokens are masked against the cached ones. None = plain causal attention through
+        the fast path (SDPA's is_causal, or the Triton kernel); attn="triton" runs SDPA when doc is given.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        mask = None
+        if kv_cache is not None:
+            kv_cache.doc[:, start:start + T] = 0 if doc is None else doc
+        if doc is not None:
+            # One mask for all layers and heads: (B, 1, T, T_past + T).
+            mask = document_mask(doc, kv_cache.doc[:, :start + T] if kv_cache is not None else doc)
         x = self.transformer.wte(idx)  # (B, T, C)
         rope = None
         if self.config.pos == "learned":
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device) if pos is None else pos)
+        elif pos is None:
+            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]  # (T, D/2)
         else:
-            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            rope = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # (B, 1, T, D/2): over heads
         x = self.transformer.drop(x)
         for block in self.transformer.h:
             if self.grad_checkpointing and self.training:
-                x = checkpoint(block, x, rope, use_reentrant=False)
+                x = checkpoint(block, x, rope, None, mask, use_reentrant=False)
             else:
-                x = block(x, rope, kv_cache)
+                x = block(x, rope, kv_cache, mask)
         x = self.transformer.ln_f(x)
         if kv_cache is not None:
             kv_cache.pos += T
@@ -437,34 +516,92 @@ class GPT(nn.Module):
         window of block_size tokens is full, the step recomputes the last block_size tokens instead,
         which is what use_cache=False does at every step. Generation stops early once every row has
         produced one of stop_tokens; rows that stopped are padded with the token they stopped on.
+
+        idx may also be a list of prompts (lists of token ids, of any lengths). They are left-padded into
+        one batch (left_pad: padding has its own document id, positions count from each row's first real
+        token), and a list comes back: the new tokens of each row, up to and including its stop token when
+        it produced one. Rows that stopped are fed padding from then on. max_new_tokens is clipped so the
+        longest prompt plus the new tokens fit in block_size: there is no sliding window for a list (the
+        padding would have to slide too). Greedy rows equal what each prompt gives alone.
         """
         was_training = self.training
         self.eval()
+        cfg, block = self.config, self.config.block_size
+        as_list = isinstance(idx, (list, tuple))
+        doc = pos = None  # (B, T) each for a list of prompts; None keeps a tensor on the plain causal path
+        if as_list:
+            idx, doc, pos = left_pad(idx, self.transformer.wte.weight.device)
+            if idx.size(1) > block:
+                raise ValueError(f"the longest prompt has {idx.size(1)} tokens, more than block_size={block}")
+            max_new_tokens = min(max_new_tokens, block - idx.size(1))
+        prompt_len = idx.size(1)
         generator = None
         if seed is not None:
             generator = torch.Generator(device=idx.device).manual_seed(seed)
         stop = torch.tensor(sorted(stop_tokens or []), device=idx.device, dtype=idx.dtype)
         done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        cfg, block = self.config, self.config.block_size
         cache = None
         for _ in range(max_new_tokens):
             if use_cache and cache is not None and cache.pos < block:
-                logits, _ = self(idx[:, -1:], kv_cache=cache)   # one new token
+                logits, _ = self(idx[:, -1:], kv_cache=cache, pos=_last(pos, 1), doc=_last(doc, 1))  # one token
             else:
                 window = idx[:, -block:]
                 if use_cache:
-                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, block, cfg.n_embd // cfg.n_head,
+                    # A list never slides, so its cache needs only the slots it will fill: at 256 prompts a
+                    # block_size cache would be mostly zeros to allocate.
+                    max_len = prompt_len + max_new_tokens if as_list else block
+                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head,
                                     idx.device, self.transformer.wte.weight.dtype)
-                logits, _ = self(window, kv_cache=cache)        # prefill, or a full recompute
+                # prefill, or a full recompute
+                logits, _ = self(window, kv_cache=cache, pos=_last(pos, block), doc=_last(doc, block))
             next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
             if len(stop):
-                next_id = torch.where(done, idx[:, -1:], next_id)
+                # A row that stopped repeats its stop token (tensor input) or is fed padding, token 0 (a list).
+                next_id = torch.where(done, idx[:, -1:] if doc is None else torch.zeros_like(next_id), next_id)
+            if doc is not None:
+                doc = torch.cat([doc, (~done).long()], dim=1)     # id 1 for a real token, 0 for padding
+                pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+            if len(stop):
                 done = done | torch.isin(next_id, stop)
             idx = torch.cat([idx, next_id], dim=1)
             if len(stop) and bool(done.all()):
                 break
         self.train(was_training)
-        return idx
+        if not as_list:
+            return idx
+        new, real = idx[:, prompt_len:].tolist(), doc[:, prompt_len:].bool().tolist()  # real: not padding
+        return [[t for t, is_real in zip(row, row_real) if is_real] for row, row_real in zip(new, real)]
+
+    # --- vocabulary ---
+
+    def resize_vocab(self, new_size):
+        """Grow the vocabulary to new_size tokens, for tokens the tokenizer lacks (chat markers added to GPT-2's).
+
+        wte gets new rows, and so does lm_head when untied (tied stays one tensor); the old rows, and so
+        the logits of old tokens on old inputs, are unchanged, and config.vocab_size follows. Make the
+        optimizer after this: the parameters are new tensors.
+        """
+        old_size = self.config.vocab_size
+        if new_size < old_size:
+            raise ValueError(f"resize_vocab({new_size}) would drop tokens: the vocabulary already has {old_size}")
+        if new_size == old_size:
+            return  # keep the same parameter tensors (an optimizer made earlier still holds them)
+
+        def grown(weight):
+            # New rows start at the mean of the old ones (Hewitt 2021, "Initializing new word embeddings for
+            # pretrained language models"): a new token's logit h . mean(W) is then exactly the average of the
+            # old logits, so it starts near the others. A random row would give a logit near 0, which can sit
+            # far above a trained model's typical (negative) logits: the new token would take over sampling
+            # and the first updates would be spent pushing it down.
+            mean = weight.detach().float().mean(dim=0, keepdim=True).to(weight.dtype)  # (1, C)
+            rows = torch.cat([weight.detach(), mean.expand(new_size - old_size, -1)])   # (new_size, C)
+            return nn.Parameter(rows, requires_grad=weight.requires_grad)
+
+        wte = self.transformer.wte
+        wte.weight, wte.num_embeddings = grown(wte.weight), new_size
+        self.lm_head.weight = wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
+        self.lm_head.out_features = new_size
+        self.config.vocab_size = new_size
 
     # --- size, FLOPs and MFU ---
 

@@ -1,8 +1,9 @@
 """Tests for model.py: python -m pytest -q tests/test_model.py
 
 GPT-2 compatibility against Hugging Face transformers (when installed), the KV cache against full
-forwards for every architecture switch, the two attention paths against each other, sampling filters
-on hand-made distributions, parameter counts, and that a tiny model can learn.
+forwards for every architecture switch, packed documents against each document alone, batched
+generation against one prompt at a time, growing the vocabulary, the two attention paths against
+each other, sampling filters on hand-made distributions, parameter counts, and that a tiny model can learn.
 """
 import math
 
@@ -160,6 +161,194 @@ def test_generate_restores_training_mode():
     model = GPT(small_config(dropout=0.1)).train()
     model.generate(torch.zeros(1, 1, dtype=torch.long), 3)
     assert model.training
+
+
+# --- packing: document masks and per-token positions ---
+
+PACKING_VARIANTS = ["gpt2", "rope-rms-swiglu", "gqa"]  # learned positions, RoPE, RoPE with GQA
+
+
+def packed(rows):
+    """Rows of documents (1-D tensors) back to back, each row the same total length: idx, doc, pos (B, T)."""
+    idx = torch.stack([torch.cat(docs) for docs in rows])
+    doc = torch.stack([torch.cat([torch.full((len(d),), i) for i, d in enumerate(docs)]) for docs in rows])
+    pos = torch.stack([torch.cat([torch.arange(len(d)) for d in docs]) for docs in rows])
+    return idx, doc, pos
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+@pytest.mark.parametrize("variant", PACKING_VARIANTS)
+def test_packed_documents_each_compute_what_they_would_alone(variant, attn):
+    model = random_model(small_config(attn=attn, **VARIANTS[variant]))
+    torch.manual_seed(1)
+    docs = [torch.randint(0, 67, (n,)) for n in (5, 9, 7)]
+    rows = [docs, docs[::-1]]  # the same three documents packed in two orders
+    with torch.no_grad():
+        idx, doc, pos = packed(rows)
+        logits, _ = model(idx, doc=doc, pos=pos)
+        for r, row in enumerate(rows):
+            start = 0
+            for d in row:
+                alone, _ = model(d[None])
+                torch.testing.assert_close(logits[r, start:start + len(d)], alone[0], atol=1e-5, rtol=1e-5)
+                start += len(d)
+        # a different middle document (tokens 5..13 of row 0) changes nothing in its neighbours
+        idx2, doc2, pos2 = packed([[docs[0], torch.randint(0, 67, (9,)), docs[2]]])
+        other, _ = model(idx2, doc=doc2, pos=pos2)
+    torch.testing.assert_close(other[0, :5], logits[0, :5], atol=1e-6, rtol=0)
+    torch.testing.assert_close(other[0, 14:], logits[0, 14:], atol=1e-6, rtol=0)
+    assert not torch.allclose(other[0, 5:14], logits[0, 5:14])
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gqa"])
+def test_without_doc_attention_takes_the_plain_causal_path(variant, monkeypatch):
+    model = random_model(small_config(**VARIANTS[variant]))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    idx = torch.randint(0, 67, (2, 12))
+    with torch.no_grad():
+        plain, _ = model(idx)
+        with_pos, _ = model(idx, pos=torch.arange(12).expand(2, 12))
+        one_doc, _ = model(idx, doc=torch.zeros(2, 12, dtype=torch.long))
+    n = model.config.n_layer
+    assert len(calls) == 3 * n
+    assert all(mask is None and causal for mask, causal in calls[:2 * n]), "doc=None must use is_causal, no mask"
+    assert all(mask is not None and mask.shape == (2, 1, 12, 12) and not causal for mask, causal in calls[2 * n:])
+    assert torch.equal(with_pos, plain)  # explicit default positions are the same numbers
+    torch.testing.assert_close(one_doc, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+@pytest.mark.parametrize("variant", PACKING_VARIANTS)
+def test_kv_cache_with_doc_and_pos_matches_full_forward(variant, attn):
+    config = small_config(attn=attn, **VARIANTS[variant])
+    model = random_model(config)
+    idx = torch.randint(0, 67, (2, 20))
+    # row 0: three packed documents; row 1: 4 tokens of left padding (id 0), then a document from position 0
+    doc = torch.tensor([[0] * 6 + [1] * 8 + [2] * 6, [0] * 4 + [1] * 16])
+    pos = torch.stack([torch.cat([torch.arange(6), torch.arange(8), torch.arange(6)]),
+                       torch.cat([torch.zeros(4, dtype=torch.long), torch.arange(16)])])
+    with torch.no_grad():
+        full, _ = model(idx, doc=doc, pos=pos)
+        cache = KVCache(config.n_layer, 2, config.n_kv_head, config.block_size, config.n_embd // config.n_head,
+                        idx.device, torch.float32)
+        pieces = [model(idx[:, :8], kv_cache=cache, pos=pos[:, :8], doc=doc[:, :8])[0]]  # prefill across a border
+        pieces.append(model(idx[:, 8:11], kv_cache=cache, pos=pos[:, 8:11], doc=doc[:, 8:11])[0])
+        for t in range(11, 20):
+            pieces.append(model(idx[:, t:t + 1], kv_cache=cache, pos=pos[:, t:t + 1], doc=doc[:, t:t + 1])[0])
+        unpadded, _ = model(idx[1:, 4:])
+    assert cache.pos == 20 and torch.equal(cache.doc[:, :20], doc)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(full[1, 4:], unpadded[0], atol=1e-5, rtol=1e-5)  # padding is invisible
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+def test_every_token_its_own_document_gives_no_nan_and_sees_only_itself(attn):
+    model = random_model(small_config(attn=attn, pos="rope"))
+    idx = torch.randint(0, 67, (1, 10))
+    with torch.no_grad():
+        logits, _ = model(idx, doc=torch.arange(10)[None], pos=torch.zeros(1, 10, dtype=torch.long))
+        alone, _ = model(idx.view(10, 1))
+    assert torch.isfinite(logits).all()
+    torch.testing.assert_close(logits[0], alone[:, 0], atol=1e-5, rtol=1e-5)
+
+
+def test_triton_attention_with_doc_runs_sdpa():
+    """The kernel knows only the causal mask, so document masks go through SDPA (no Triton needed)."""
+    sdpa_model = random_model(small_config(pos="rope"))
+    triton_model = GPT(small_config(pos="rope", attn="triton")).eval()
+    triton_model.load_state_dict(sdpa_model.state_dict())
+    idx, doc, pos = packed([[torch.randint(0, 67, (n,)) for n in (4, 8)]])
+    with torch.no_grad():
+        assert torch.equal(triton_model(idx, doc=doc, pos=pos)[0], sdpa_model(idx, doc=doc, pos=pos)[0])
+
+
+def test_gradient_checkpointing_keeps_the_document_mask():
+    idx, doc, pos = packed([[torch.randint(0, 67, (n,)) for n in (6, 10)]])
+    results = []
+    for flag in (False, True):
+        model = random_model(small_config(pos="rope"), seed=3).train()
+        model.grad_checkpointing = flag
+        logits, loss = model(idx, idx, doc=doc, pos=pos)
+        loss.backward()
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+
+
+# --- batched generation ---
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+@pytest.mark.parametrize("variant", PACKING_VARIANTS)
+def test_batched_greedy_generation_equals_each_prompt_alone(variant, attn):
+    config = small_config(attn=attn, **VARIANTS[variant])
+    model = random_model(config)
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 67, (n,)).tolist() for n in (3, 7, 1, 5)]
+    n_new = config.block_size - 7  # a list is clipped so that the longest prompt plus the new tokens fit
+
+    def alone(stop_tokens=None):
+        return [model.generate(torch.tensor([p]), n_new, temperature=0, stop_tokens=stop_tokens)[0, len(p):].tolist()
+                for p in prompts]
+
+    free = alone()
+    assert model.generate(prompts, 30, temperature=0) == free
+    assert model.generate(prompts, 30, temperature=0, use_cache=False) == free
+    # each row stops on the first stop token it produces, at different steps, and the others go on
+    stop = [free[0][2], free[1][6]]
+    expected = alone(stop)
+    assert len({len(e) for e in expected}) > 1, expected
+    assert any(len(e) < n_new and e[-1] in stop for e in expected)
+    assert model.generate(prompts, 30, temperature=0, stop_tokens=stop) == expected
+
+
+def test_batched_sampling_is_reproducible_with_a_seed_and_checks_its_prompts():
+    model = random_model(small_config())
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    a = model.generate(prompts, 8, temperature=1.0, top_k=10, seed=7)
+    assert a == model.generate(prompts, 8, temperature=1.0, top_k=10, seed=7)
+    assert [len(row) for row in a] == [8, 8, 8] and all(type(t) is int for row in a for t in row)
+    with pytest.raises(ValueError, match="prompt 1 of 2 is empty"):
+        model.generate([[1], []], 4)
+    with pytest.raises(ValueError, match="longest prompt has 25 tokens, more than block_size=24"):
+        model.generate([[1] * 25], 4)
+
+
+# --- vocabulary ---
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_resize_vocab_keeps_old_tokens_and_starts_new_rows_at_the_mean(tied):
+    model = random_model(small_config(tie_embeddings=tied))
+    idx = torch.randint(0, 67, (2, 10))
+    with torch.no_grad():
+        before, _ = model(idx)
+    old_wte, old_head = model.transformer.wte.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    model.resize_vocab(70)
+    wte, head = model.transformer.wte.weight, model.lm_head.weight
+    assert model.config.vocab_size == 70 and wte.shape == head.shape == (70, 32)
+    assert (head is wte) == tied
+    torch.testing.assert_close(wte[:67], old_wte, atol=0, rtol=0)
+    torch.testing.assert_close(wte[67:], old_wte.mean(0).expand(3, -1))
+    torch.testing.assert_close(head[67:], old_head.mean(0).expand(3, -1))
+    with torch.no_grad():
+        after, _ = model(idx)
+    torch.testing.assert_close(after[..., :67], before, atol=1e-6, rtol=1e-6)
+    # a new token's logit starts at the average of the old ones: h . mean(W) = mean(h . W)
+    torch.testing.assert_close(after[..., 67:], before.mean(-1, keepdim=True).expand(-1, -1, 3), atol=1e-5, rtol=1e-5)
+    _, loss = model(torch.tensor([[68, 69, 1]]), torch.tensor([[69, 1, 68]]))  # new tokens are ordinary and trainable
+    loss.backward()
+    assert wte.grad[67:].abs().sum() > 0
+    assert model.num_params() == expected_param_count(model.config)
+    with pytest.raises(ValueError, match=r"resize_vocab\(60\) would drop tokens"):
+        model.resize_vocab(60)
+    model.resize_vocab(70)  # already that size: the same tensors stay
+    assert model.transformer.wte.weight is wte
 
 
 # --- attention paths ---
