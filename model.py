@@ -509,7 +509,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None, seed=None,
-                 use_cache=True):
+                 use_cache=True, on_token=None):
         """Append up to max_new_tokens sampled tokens to idx (B, T) and return the longer (B, T') tensor.
 
         With the KV cache the prompt is run once (prefill), then each step feeds one token. When the
@@ -523,6 +523,9 @@ class GPT(nn.Module):
         it produced one. Rows that stopped are fed padding from then on. max_new_tokens is clipped so the
         longest prompt plus the new tokens fit in block_size: there is no sliding window for a list (the
         padding would have to slide too). Greedy rows equal what each prompt gives alone.
+
+        on_token, when given, is called after every step with a list of B ints: each row's new token, or
+        None for a row that had already stopped. A chat streams its answer through it.
         """
         was_training = self.training
         self.eval()
@@ -561,6 +564,8 @@ class GPT(nn.Module):
             if doc is not None:
                 doc = torch.cat([doc, (~done).long()], dim=1)     # id 1 for a real token, 0 for padding
                 pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+            if on_token is not None:
+                on_token([None if d else t for d, t in zip(done[:, 0].tolist(), next_id[:, 0].tolist())])
             if len(stop):
                 done = done | torch.isin(next_id, stop)
             idx = torch.cat([idx, next_id], dim=1)

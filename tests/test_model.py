@@ -320,6 +320,19 @@ def test_batched_sampling_is_reproducible_with_a_seed_and_checks_its_prompts():
         model.generate([[1] * 25], 4)
 
 
+def test_on_token_streams_each_rows_tokens_until_it_stops():
+    model = random_model(small_config())
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    free = model.generate(prompts, 6, temperature=0)
+    stop = [free[1][1]]
+    seen = []
+    out = model.generate(prompts, 6, temperature=0, stop_tokens=stop, on_token=seen.append)
+    assert all(len(step) == 3 for step in seen)
+    for row in range(3):  # the streamed tokens of a row, None once it stopped, are exactly what it returns
+        assert [step[row] for step in seen if step[row] is not None] == out[row]
+    assert seen[-1][1] is None or out[1][-1] in stop
+
+
 # --- vocabulary ---
 
 @pytest.mark.parametrize("tied", [True, False])
