@@ -3,6 +3,7 @@
     python bench.py data       # BPE training and encoding, beside Hugging Face tokenizers when installed
     python bench.py kernels    # Triton kernels against PyTorch (needs a GPU)
     python bench.py train      # tokens/s and MFU per preset on the device at hand
+    python bench.py sft        # packed SFT tokens/s against pretraining, padding saved, batched generation
 
 Figures go into BENCHMARKS.md with the device they were measured on.
 """
@@ -277,11 +278,123 @@ def bench_train(args):
                 torch.cuda.empty_cache()
 
 
+# --- sft ---
+
+def bench_sft(args):
+    """SFT throughput against pretraining's, the padding that packing saves, and batched generation.
+
+    1. train.train_step on the same preset and batch: pretraining batches (random tokens, plain causal
+       attention) against packed SFT batches of embedded-task conversations (document masks, restarting
+       positions) and padded ones; positions per second (padding included, as pretraining counts them).
+    2. The share of positions that hold padding, packed and padded.
+    3. Greedy answers to held-out prompts: GPT.generate on a list of prompts (one batch, left-padded)
+       against one prompt at a time, with the same checkpoint; the answers must agree.
+
+        python bench.py sft                                    # mini on CPU, gpt2 on CUDA
+        python bench.py sft --init out/sft --prompts 256       # generation with a fine-tuned checkpoint
+    """
+    import os
+    import time
+
+    import torch
+
+    import data
+    import sft
+    import tasks
+    import train
+    from model import GPT, config_from_preset
+
+    parser = argparse.ArgumentParser(prog="bench.py sft", description=bench_sft.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", help="model.PRESETS name; default mini on CPU, gpt2 on CUDA")
+    parser.add_argument("--batch-size", type=int, default=16, help="rows per step")
+    parser.add_argument("--data-dir", default="data/stdlib", help="tokenizer folder (python data.py makes it)")
+    parser.add_argument("--init", default=None, help="checkpoint for the generation part; default newest of "
+                        "out/sft, else out/pretrain, else random weights")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--prompts", type=int, default=256, help="held-out prompts to answer")
+    parser.add_argument("--new-tokens", type=int, default=24, help="longest answer")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default cuda when available")
+    opts = parser.parse_args(args)
+    rt = train.setup_runtime(opts.device)
+    gpu = rt.device_type == "cuda"
+    name = torch.cuda.get_device_name(rt.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    print(f"device: {name}; torch {torch.__version__}; dtype {str(rt.dtype).removeprefix('torch.')}")
+    tokenizer = sft.with_chat_tokens(data.load_tokenizer(opts.data_dir))
+
+    # --- 1 and 2: training throughput and padding ---
+    preset = opts.preset or ("gpt2" if gpu else "mini")
+    T, B = config_from_preset(preset).block_size, opts.batch_size
+    convs = [ex["messages"] for k in tasks.KINDS for d in (1, 2) for ex in tasks.generate(k, 300, 0, "train", d)]
+    examples, _ = sft.build_examples(convs, tokenizer, T, "drop")
+    loaders = {"packed": sft.SFTLoader(examples, B, T, True, tokenizer.eot_id, seed=0),
+               "padded": sft.SFTLoader(examples, B, T, False, tokenizer.eot_id, seed=0)}
+    vocab = train.padded_vocab_size(tokenizer.vocab_size, rt.device_type)
+    print(f"\npreset {preset}, batch {B} x {T}, {len(examples):,} task conversations")
+    print("| batches | padding | positions/s | real tokens/s | vs pretraining |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    base_rate = None
+    for kind in ("pretraining", "packed", "padded"):
+        torch.manual_seed(0)
+        model = GPT(config_from_preset(preset, vocab_size=vocab)).to(rt.device)
+        optimizer = train.build_optimizer(model, lr=1e-4, weight_decay=0.0, device=rt.device)
+        if kind == "pretraining":
+            tokens = torch.randint(0, tokenizer.vocab_size, (B, T + 1))
+            batches = [(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())] * (opts.warmup + opts.steps)
+            loss_fn, padding = train.lm_loss, 0.0
+        else:
+            batches = [loaders[kind].next_batch() for _ in range(opts.warmup + opts.steps)]
+            loss_fn, padding = sft.sft_loss, loaders[kind].padding_fraction()
+        batches = [train.to_device(b, rt) for b in batches]
+        for b in batches[:opts.warmup]:
+            train.train_step(model, optimizer, [b], rt, loss_fn=loss_fn)
+        t0 = time.perf_counter()
+        for b in batches[opts.warmup:]:
+            train.train_step(model, optimizer, [b], rt, loss_fn=loss_fn)
+        dt = time.perf_counter() - t0
+        positions = sum(b[0].numel() for b in batches[opts.warmup:])
+        rate = positions / dt
+        base_rate = base_rate or rate
+        print(f"| {kind} | {100 * padding:.1f}% | {rate:,.0f} | {rate * (1 - padding):,.0f} | "
+              f"{rate / base_rate:.2f}x |", flush=True)
+
+    # --- 3: batched generation ---
+    path = opts.init or next((p for p in ("out/sft", "out/pretrain") if train.list_checkpoints(p)), None)
+    if path:
+        model, tokenizer, _, _ = sft.load_base(sft.find_init(path))
+    else:
+        torch.manual_seed(0)
+        model = GPT(config_from_preset(preset, vocab_size=vocab))
+    model.to(rt.device).eval()
+    end = tokenizer.special_ids["<|end|>"]
+    held = [ex for k in tasks.KINDS for ex in tasks.generate(k, opts.prompts, 0, "test", 1)]
+    held = held[::max(1, len(held) // opts.prompts)][:opts.prompts]
+    prompts = [sft.render_prompt(ex["messages"][:-1], tokenizer) for ex in held]
+    print(f"\ngreedy answers to {len(prompts)} held-out prompts (lengths {min(map(len, prompts))}-"
+          f"{max(map(len, prompts))} tokens, at most {opts.new_tokens} new), checkpoint {path or 'random weights'}")
+    with rt.autocast():
+        model.generate(prompts[:8], 4, temperature=0, stop_tokens=[end])  # warm-up
+        t0 = time.perf_counter()
+        batched = model.generate(prompts, opts.new_tokens, temperature=0, stop_tokens=[end])
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        alone = [model.generate([p], opts.new_tokens, temperature=0, stop_tokens=[end])[0] for p in prompts]
+        t_alone = time.perf_counter() - t0
+    same = sum(a == b for a, b in zip(batched, alone))
+    new = sum(map(len, batched))
+    print("| mode | seconds | new tokens/s | speed-up |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| one prompt at a time | {t_alone:.2f} | {new / t_alone:,.0f} | 1 |")
+    print(f"| one batch of {len(prompts)} | {t_batched:.2f} | {new / t_batched:,.0f} | {t_alone / t_batched:.1f}x |")
+    print(f"answers identical in both modes: {same}/{len(prompts)}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "kernels", "train"])
+    parser.add_argument("what", choices=["data", "kernels", "train", "sft"])
     args, rest = parser.parse_known_args(argv)
-    {"data": bench_data, "kernels": bench_kernels, "train": bench_train}[args.what](rest)
+    {"data": bench_data, "kernels": bench_kernels, "train": bench_train, "sft": bench_sft}[args.what](rest)
 
 
 if __name__ == "__main__":

@@ -14,3 +14,38 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+# --- one small pretrained checkpoint, made once per test session, for every post-training test ---
+
+import sys  # noqa: E402
+import sysconfig  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory):
+    """A `tiny` GPT pretrained for a few hundred steps on a few standard-library modules (BPE of 512 tokens):
+    {"ckpt": path of its checkpoint, "data_dir": its data folder, "out_dir": its run folder}. Made by the real
+    data.prepare and train.main, as a user's `python data.py && python train.py` would, only smaller."""
+    import data
+    import train
+    root = tmp_path_factory.mktemp("pretrained")
+    text = root / "text"
+    text.mkdir()
+    for name in ["textwrap", "shlex", "fnmatch", "bisect", "heapq", "calendar", "string", "glob", "colorsys"]:
+        with open(os.path.join(sysconfig.get_paths()["stdlib"], name + ".py"), encoding="utf-8") as f:
+            (text / (name + ".txt")).write_text(f.read(), encoding="utf-8")
+    data_dir = str(root / "data")
+    data.prepare(data.DataConfig(input=[str(text)], out_dir=data_dir, vocab_size=512, rules="", doc_chars=1500,
+                                 val_fraction=0.1, workers=1))
+    out_dir = str(root / "run")
+    train.main(train.TrainConfig(preset="tiny", data_dir=data_dir, out_dir=out_dir, batch_size=16, seq_len=64,
+                                 max_steps=300, lr=3e-3, warmup_steps=20, eval_every=300, eval_batches=2,
+                                 log_every=100, save_every=300, samples=0, device="cpu"))
+    return {"ckpt": train.list_checkpoints(out_dir)[-1], "data_dir": data_dir, "out_dir": out_dir}
