@@ -49,3 +49,16 @@ def pretrained(tmp_path_factory):
                                  max_steps=300, lr=3e-3, warmup_steps=20, eval_every=300, eval_batches=2,
                                  log_every=100, save_every=300, samples=0, device="cpu"))
     return {"ckpt": train.list_checkpoints(out_dir)[-1], "data_dir": data_dir, "out_dir": out_dir}
+
+
+@pytest.fixture(scope="session")
+def sft_checkpoint(pretrained, tmp_path_factory):
+    """The session's pretrained checkpoint fine-tuned by sft.main on three easy task kinds (copy, reverse, sort at
+    difficulty 1): {"ckpt", "summary" (sft.py's summary.json), "out_dir"}, for the stages after SFT."""
+    import sft
+    out_dir = str(tmp_path_factory.mktemp("sft") / "run")
+    summary = sft.main(sft.SFTConfig(init=pretrained["ckpt"], out_dir=out_dir, kinds=["copy", "reverse", "sort"],
+                                     difficulties=[1], examples_per_task=400, eval_difficulties=[1], eval_examples=40,
+                                     batch_size=8, max_steps=200, lr=3e-3, eval_every=200, save_every=200,
+                                     log_every=100, device="cpu", max_new_tokens=16))
+    return {"ckpt": summary["checkpoint"], "summary": summary, "out_dir": out_dir}
