@@ -4,6 +4,7 @@
     python bench.py kernels    # Triton kernels against PyTorch (needs a GPU)
     python bench.py train      # tokens/s and MFU per preset on the device at hand
     python bench.py sft        # packed SFT tokens/s against pretraining, padding saved, batched generation
+    python bench.py serve      # serve.py: streamed tokens/s against in-process generate, time to first token
 
 Figures go into BENCHMARKS.md with the device they were measured on.
 """
@@ -390,11 +391,177 @@ def bench_sft(args):
     print(f"answers identical in both modes: {same}/{len(prompts)}")
 
 
+# --- serve ---
+
+def bench_serve(args):
+    """serve.py's streaming overhead: new tokens/s of one streamed answer through the server against GPT.generate
+    in this process, the time to the first token, and 16 concurrent streaming clients.
+
+    The server runs in its own process (as it would for a real client), started on a free port of 127.0.0.1; this
+    process is the client, reading the Server-Sent Events with http.client. Every answer is exactly --new-tokens
+    long (greedy, ignore_eos), so both sides generate the same tokens. The 16 clients sample with seeds 0..15;
+    each answer must equal the one the same seed gives alone.
+
+        python bench.py serve                           # mini: the newest out/sft checkpoint, else random weights
+        python bench.py serve --init /tmp/sft/ckpt_000600.pt --threads 1
+        python bench.py serve --preset gpt2 --device cuda
+    """
+    import http.client
+    import json
+    import os
+    import socket
+    import statistics
+    import subprocess
+    import tempfile
+    import threading
+    import time
+    from dataclasses import asdict
+
+    import torch
+
+    import data
+    import sft
+    import tasks
+    import train
+    from model import GPT, config_from_preset
+
+    parser = argparse.ArgumentParser(prog="bench.py serve", description=bench_serve.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", help="checkpoint to serve; default the newest in out/sft, else random --preset")
+    parser.add_argument("--preset", default="mini", help="model.PRESETS name for random weights")
+    parser.add_argument("--data-dir", default="data/stdlib", help="tokenizer folder for random weights")
+    parser.add_argument("--new-tokens", type=int, default=200, help="tokens per answer (clipped to the context)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed answers per side (the median is reported)")
+    parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in the server")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default cuda when available")
+    opts = parser.parse_args(args)
+
+    rt = train.setup_runtime(opts.device, None, opts.threads)
+    tmp = tempfile.TemporaryDirectory()
+    path = opts.init or (train.list_checkpoints("out/sft") or [None])[-1]
+    if path is None:  # random weights in a checkpoint of train.py's format, so the server loads them the same way
+        tok = data.load_tokenizer(opts.data_dir)
+        torch.manual_seed(0)
+        model = GPT(config_from_preset(opts.preset, vocab_size=train.padded_vocab_size(tok.vocab_size,
+                                                                                      rt.device_type)))
+        path = os.path.join(tmp.name, "ckpt_000000.pt")
+        torch.save({"step": 0, "model": model.state_dict(), "model_config": asdict(model.config), "stage": "sft",
+                    "config": {}, "tokenizer_dir": opts.data_dir, "tokenizer_hash": tok.hash}, path)
+    model, tok, _, _ = sft.load_base(sft.find_init(path))
+    model.to(rt.device).eval()
+    ex = tasks.generate("reverse", 1, 0, "test", 2)[0]
+    messages = ex["messages"][:-1]
+    prompt = sft.render_prompt(messages, tok)
+    n = min(opts.new_tokens, model.config.block_size - len(prompt))
+    print(f"{path}: {model.num_params():,} parameters on {rt.device}, {torch.get_num_threads()} threads; "
+          f"prompt {len(prompt)} tokens, {n} new tokens per answer")
+
+    # --- 1: in this process ---
+    def in_process():
+        first = []
+        t0 = time.perf_counter()
+        with rt.autocast():
+            model.generate([prompt], n, temperature=0, on_token=lambda ids: first or first.append(time.perf_counter()))
+        if rt.device_type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0, first[0] - t0
+
+    in_process()  # warm-up
+    local = [in_process() for _ in range(opts.repeats)]
+
+    # --- 2: through the server ---
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "serve.py", path, "--port", str(port), "--threads", str(opts.threads), "--no-log-requests",
+           "--model-name", "bench", "--max-queue", str(max(32, opts.clients))]
+    if opts.device:
+        cmd += ["--device", opts.device]
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+
+    def post(body):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "bench", "messages": messages, **body}),
+                     {"Content-Type": "application/json"})
+        return conn, conn.getresponse()
+
+    def stream(**body):
+        """(seconds to [DONE], seconds to the first content, text, completion tokens) of one streamed answer."""
+        t0 = time.perf_counter()
+        conn, r = post({"stream": True, "stream_options": {"include_usage": True}, **body})
+        first, text, tokens = None, "", None
+        for line in r:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                first = first or time.perf_counter()
+                text += chunk["choices"][0]["delta"]["content"]
+        conn.close()
+        return time.perf_counter() - t0, first - t0, text, tokens
+
+    try:
+        for _ in range(600):  # the server loads the model: at most a minute
+            try:
+                conn, r = http.client.HTTPConnection("127.0.0.1", port, timeout=1), None
+                conn.request("GET", "/health")
+                if conn.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise SystemExit("the server did not start within a minute")
+        greedy = dict(max_tokens=n, temperature=0, ignore_eos=True)
+        stream(**greedy)  # warm-up
+        served = [stream(**greedy) for _ in range(opts.repeats)]
+        assert all(s[3] == n for s in served), f"answers of {[s[3] for s in served]} tokens, expected {n}"
+
+        # --- 3: concurrent clients ---
+        m = max(1, n // 4)
+        sampled = dict(max_tokens=m, temperature=1.0, ignore_eos=True)
+        alone = [stream(seed=s, **sampled)[2] for s in range(opts.clients)]
+        together, latency = [None] * opts.clients, [None] * opts.clients
+
+        def client(s):
+            together[s] = stream(seed=s, **sampled)[2]
+            latency[s] = time.perf_counter() - t0
+
+        threads = [threading.Thread(target=client, args=(s,)) for s in range(opts.clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=600)
+        wall = time.perf_counter() - t0
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        tmp.cleanup()
+
+    t_local, ttft_local = statistics.median(t for t, _ in local), statistics.median(f for _, f in local)
+    t_served, ttft_served = statistics.median(s[0] for s in served), statistics.median(s[1] for s in served)
+    print(f"\none streamed answer of {n} tokens, median of {opts.repeats}")
+    print("| path | new tokens/s | time to first token | vs in-process |")
+    print("| --- | ---: | ---: | ---: |")
+    print(f"| GPT.generate in this process | {n / t_local:,.0f} | {1000 * ttft_local:.1f} ms | 1 |")
+    print(f"| serve.py, SSE over 127.0.0.1 | {n / t_served:,.0f} | {1000 * ttft_served:.1f} ms | "
+          f"{t_local / t_served:.2f}x |")
+    done = sum(t is not None for t in together)
+    same = sum(a == b for a, b in zip(alone, together))
+    print(f"\n{opts.clients} concurrent streaming clients, {m} sampled tokens each: {done}/{opts.clients} served, "
+          f"{same}/{opts.clients} identical to the same seed alone; {opts.clients * m / wall:,.0f} tokens/s in all, "
+          f"last answer after {max(x for x in latency if x is not None):.2f} s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "kernels", "train", "sft"])
+    parser.add_argument("what", choices=["data", "kernels", "train", "sft", "serve"])
     args, rest = parser.parse_known_args(argv)
-    {"data": bench_data, "kernels": bench_kernels, "train": bench_train, "sft": bench_sft}[args.what](rest)
+    {"data": bench_data, "kernels": bench_kernels, "train": bench_train, "sft": bench_sft,
+     "serve": bench_serve}[args.what](rest)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,425 @@
+"""Tests for serve.py: the OpenAI-compatible server (through the official `openai` client where it is installed,
+else skipped) and the Hugging Face export (through transformers).
+
+    OMP_NUM_THREADS=1 python -m pytest -q tests/test_serve.py
+
+Every server binds 127.0.0.1 on a free port and runs in this process; every request has a timeout and every loop
+a bound, so a hung server fails a test instead of hanging the run.
+"""
+import http.client
+import json
+import os
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import data
+import serve
+import sft
+import tasks
+from model import GPT, GPTConfig
+
+openai = pytest.importorskip("openai", reason="the official client is a test-only dependency (requirements-dev.txt)")
+
+TIMEOUT = 30  # seconds, for every request
+
+
+# --- fixtures: servers on 127.0.0.1 ---
+
+def start(engine, **overrides):
+    """A Server for engine on a free port, serving from a daemon thread. -> (server, base url)."""
+    cfg = serve.ServeConfig(port=0, log_requests=False, **overrides)
+    httpd = serve.Server(engine, cfg)
+    threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return httpd, f"http://127.0.0.1:{httpd.server_address[1]}"
+
+
+@pytest.fixture(scope="module")
+def chat(sft_checkpoint):
+    """The session's tiny chat model behind a server (and a second server on the same engine that asks a key)."""
+    model, tokenizer, _, _ = sft.load_base(sft_checkpoint["ckpt"])
+    engine = serve.Engine(model, tokenizer, "tiny-chat", max_queue=32)
+    httpd, url = start(engine, max_body_bytes=64 * 1024)
+    keyed, keyed_url = start(engine, api_key="s3cret")
+    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=TIMEOUT)
+    yield {"engine": engine, "url": url, "keyed_url": keyed_url, "client": client, "model": model,
+           "tok": tokenizer, "port": httpd.server_address[1]}
+    for h in (httpd, keyed):
+        h.shutdown()
+        h.server_close()
+    engine.close()
+
+
+def raw(port, method, path, body=None, headers=None):
+    """(status, headers, parsed JSON body) over http.client, for what the official client would not send."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=TIMEOUT)
+    payload = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+    conn.request(method, path, body=payload, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    text = r.read()
+    conn.close()
+    return r.status, dict(r.getheaders()), json.loads(text) if text else None
+
+
+def prompt_of(tokenizer, kind="reverse", i=0):
+    ex = tasks.generate(kind, 8, 0, "test", 1)[i]
+    return ex["messages"][:-1]
+
+
+def expected(chat, messages, max_tokens, **kw):
+    """What the model says to messages in-process: decoded new tokens up to (not including) a special token."""
+    tok = chat["tok"]
+    out = chat["model"].generate([sft.render_prompt(messages, tok)], max_tokens,
+                                 stop_tokens=sorted(tok.special_ids.values()), **kw)[0]
+    return tok.decode([t for t in out if t not in tok.special_ids.values()])
+
+
+# --- the API through the official client ---
+
+def test_models_and_health(chat):
+    models = chat["client"].models.list()
+    assert [m.id for m in models.data] == ["tiny-chat"]
+    status, _, body = raw(chat["port"], "GET", "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_chat_completion_plain_and_streamed(chat):
+    messages = prompt_of(chat["tok"])
+    want = expected(chat, messages, 24, temperature=0)
+    r = chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=24)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage.prompt_tokens == len(sft.render_prompt(messages, chat["tok"]))
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+    chunks = list(chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=0,
+                                                         max_tokens=24, stream=True,
+                                                         stream_options={"include_usage": True}))
+    assert {c.id for c in chunks} == {chunks[0].id} and chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == want
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [r.choices[0].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_n_choices_follow_the_seed(chat):
+    messages = prompt_of(chat["tok"], "copy")
+    kw = dict(model="tiny-chat", messages=messages, temperature=1.0, max_tokens=12, n=3, seed=7)
+    a = chat["client"].chat.completions.create(**kw)
+    b = chat["client"].chat.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
+    tok = chat["tok"]
+    rows = chat["model"].generate([sft.render_prompt(messages, tok)] * 3, 12, temperature=1.0, seed=7,
+                                  stop_tokens=sorted(tok.special_ids.values()))
+    assert [c.message.content for c in a.choices] == [tok.decode([t for t in r if t < tok.eot_id]) for r in rows]
+    streamed = ["", "", ""]
+    for c in chat["client"].chat.completions.create(**kw, stream=True):
+        for ch in c.choices:
+            streamed[ch.index] += ch.delta.content or ""
+    assert streamed == [c.message.content for c in a.choices]
+
+
+def test_stop_strings_cut_the_answer_and_are_never_sent(chat):
+    messages = prompt_of(chat["tok"], "copy", 1)
+    full = expected(chat, messages, 24, temperature=0)
+    assert len(full) >= 4, f"the fixture model's answer {full!r} is too short to cut"
+    stop = full[2:4]
+    want = full[:full.index(stop)]
+    r = chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=0, max_tokens=24,
+                                               stop=[stop, "\x00never"])
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    chunks = chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=0,
+                                                    max_tokens=24, stop=stop, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+
+
+def test_completions_continue_raw_text(chat):
+    tok = chat["tok"]
+    ids = chat["model"].generate([[tok.eot_id] + tok.encode("def ")], 16, temperature=0,
+                                 stop_tokens=sorted(tok.special_ids.values()))[0]
+    want = tok.decode([t for t in ids if t < tok.eot_id])
+    r = chat["client"].completions.create(model="tiny-chat", prompt="def ", max_tokens=16, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text == want
+    streamed = "".join(c.choices[0].text for c in chat["client"].completions.create(
+        model="tiny-chat", prompt="def ", max_tokens=16, temperature=0, stream=True) if c.choices)
+    assert streamed == want
+
+
+def test_sixteen_concurrent_streams_each_get_their_own_answer(chat):
+    messages = prompt_of(chat["tok"], "sort")
+    want = [expected(chat, messages, 16, temperature=1.0, seed=s) for s in range(16)]
+    got, errors = [None] * 16, []
+
+    def client(s):
+        try:
+            stream = chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=1.0,
+                                                            max_tokens=16, seed=s, stream=True)
+            got[s] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=client, args=(s,)) for s in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=TIMEOUT)
+    assert not errors and not any(t.is_alive() for t in threads)
+    assert got == want
+
+
+def test_page_is_served_and_calls_the_chat_endpoint(chat):
+    conn = http.client.HTTPConnection("127.0.0.1", chat["port"], timeout=TIMEOUT)
+    conn.request("GET", "/")
+    r = conn.getresponse()
+    page = r.read().decode()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/html")
+    assert '"/v1/chat/completions"' in page and "<script>" in page
+    assert "stream: true" in page and "reset" in page and "temperature" in page
+
+
+# --- errors ---
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat):
+    port, msgs = chat["port"], [{"role": "user", "content": "hi"}]
+    cases = [  # (body, status, param or None)
+        (b"{not json", 400, None),
+        ([1, 2], 400, None),
+        ({}, 400, "messages"),
+        ({"messages": msgs, "temperature": "hot"}, 400, "temperature"),
+        ({"messages": msgs, "max_tokens": True}, 400, "max_tokens"),
+        ({"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
+        ({"messages": [{"role": "user"}]}, 400, "messages[0].content"),
+        ({"messages": msgs, "max_tokens": 10_000}, 400, "max_tokens"),
+        ({"messages": [{"role": "user", "content": "x " * 400}]}, 400, "messages"),
+        ({"messages": msgs, "n": 99}, 400, "n"),
+        ({"messages": msgs, "stop": ["a"] * 5}, 400, "stop"),
+        ({"messages": msgs, "logprobs": True}, 400, "logprobs"),
+        ({"messages": msgs, "model": "gpt-4"}, 404, "model"),
+    ]
+    for body, status, param in cases:
+        got, _, err = raw(port, "POST", "/v1/chat/completions", body)
+        assert got == status, (body, got, err)
+        assert set(err["error"]) == {"message", "type", "param", "code"} and err["error"]["message"]
+        assert err["error"]["param"] == param, (body, err)
+    status, _, err = raw(port, "POST", "/v1/chat/completions", b"x" * (65 * 1024))
+    assert status == 413 and err["error"]["code"] == "request_too_large"
+    assert raw(port, "POST", "/v1/nothing", {})[0] == 404
+    assert raw(port, "GET", "/v1/chat/completions")[0] == 405
+    status, headers, err = raw(port, "PUT", "/v1/models")
+    assert status == 501 and headers.get("x-should-retry") == "false" and err["error"]["type"] == "server_error"
+    for prompt, status in [("hi", 200), ("y " * 300, 400), ([999999], 400)]:
+        assert raw(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 4})[0] == status
+    with pytest.raises(openai.NotFoundError):
+        chat["client"].chat.completions.create(model="other", messages=msgs)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat["client"].chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=10_000)
+    assert "context" in str(e.value)
+    r = chat["client"].chat.completions.create(model="tiny-chat", messages=msgs, max_tokens=4)  # still serving
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_api_key(chat):
+    keyed = chat["keyed_url"] + "/v1"
+    with pytest.raises(openai.AuthenticationError) as e:
+        openai.OpenAI(base_url=keyed, api_key="wrong", max_retries=0, timeout=TIMEOUT).models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    good = openai.OpenAI(base_url=keyed, api_key="s3cret", max_retries=0, timeout=TIMEOUT)
+    assert good.models.list().data[0].id == "tiny-chat"
+    assert serve.startup_warnings("x.pt", True, serve.ServeConfig(host="0.0.0.0"))
+    assert not serve.startup_warnings("x.pt", True, serve.ServeConfig(host="0.0.0.0", api_key="k"))
+    assert not serve.startup_warnings("x.pt", True, serve.ServeConfig())
+
+
+def test_base_checkpoint_warns_and_completions_work(pretrained):
+    model, tokenizer, path, is_chat = serve.load(pretrained["ckpt"])
+    assert not is_chat
+    assert "not a chat model" in " ".join(serve.startup_warnings(path, is_chat, serve.ServeConfig()))
+    engine = serve.Engine(model, tokenizer, "base")
+    httpd, url = start(engine)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+        assert client.completions.create(model="base", prompt="import ", max_tokens=8).choices[0].text is not None
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        engine.close()
+
+
+class Broken:
+    """A model whose generation fails: the server must answer 500 (once, never retried) or an in-stream error."""
+
+    def __init__(self):
+        self.config, self.calls = GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=1, n_embd=8), 0
+
+    def eval(self):
+        return self
+
+    def generate(self, *args, **kwargs):
+        self.calls += 1
+        raise RuntimeError("out of memory (pretend)")
+
+
+def test_generation_failure_is_a_500_not_retried_or_an_error_in_the_stream(chat):
+    broken = Broken()
+    engine = serve.Engine(broken, chat["tok"], "broken")
+    httpd, url = start(engine)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=2, timeout=TIMEOUT)
+        msgs = [{"role": "user", "content": "hi"}]
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="broken", messages=msgs)
+        assert e.value.response.headers["x-should-retry"] == "false" and "out of memory" in e.value.message
+        assert broken.calls == 1  # max_retries=2, yet not rerun
+        with pytest.raises(openai.APIError, match="out of memory"):
+            list(client.chat.completions.create(model="broken", messages=msgs, stream=True))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        engine.close()
+
+
+# --- a client that hangs up; a full queue ---
+
+def test_hang_up_stops_generation_and_a_full_queue_answers_429(pretrained):
+    tokenizer = sft.with_chat_tokens(data.load_tokenizer(pretrained["data_dir"]))
+    torch.manual_seed(0)  # a long context so one generation outlasts the test's steps
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=4096, n_layer=2, n_head=2, n_embd=32))
+    engine = serve.Engine(model, tokenizer, "long", max_queue=1)
+    httpd, url = start(engine)
+    port = httpd.server_address[1]
+    body = {"model": "long", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
+            "ignore_eos": True, "stream": True, "seed": 0}
+    request = (f"POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(json.dumps(body))}\r\n\r\n{json.dumps(body)}").encode()
+    try:
+        a = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+        a.sendall(request)
+        seen = b""
+        while seen.count(b'"content": "') < 4:  # the role chunk, then 3 tokens
+            part = a.recv(4096)
+            assert part, "the stream ended early"
+            seen += part
+        b = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)  # waits in the queue (its only place)
+        b.sendall(request)
+        deadline = time.time() + 10
+        while engine.jobs.qsize() < 1 and time.time() < deadline:
+            time.sleep(0.01)
+        status, headers, err = raw(port, "POST", "/v1/chat/completions", {**body, "stream": False})
+        assert status == 429 and headers.get("Retry-After") == "1" and err["error"]["code"] == "queue_full"
+        b.close()  # hangs up while waiting: never generated
+        a.close()  # hangs up mid-stream
+        deadline = time.time() + 10
+        while (engine.stats["cancelled"] < 2 or engine.stats["busy"] or engine.jobs.qsize()) and time.time() < deadline:
+            time.sleep(0.01)
+        assert engine.stats["cancelled"] == 2 and not engine.stats["busy"]
+        assert engine.last_tokens < 100, f"{engine.last_tokens} of 4000 tokens generated (3 read, then the hang-up)"
+        short = {**body, "max_tokens": 3, "stream": False}
+        assert raw(port, "POST", "/v1/chat/completions", short)[0] == 200  # the worker is free again
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        engine.close()
+
+
+# --- text handed out as it grows ---
+
+def test_stream_text_never_splits_a_character_or_shows_a_stop_string():
+    text = "é🙂 ok"
+    s = serve.TextStream([])
+    pieces = [s.push(bytes([b])) for b in text.encode()] + [s.finish("length")]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    s = serve.TextStream(["END"])
+    assert [s.push(b"abcE"), s.push(b"N"), s.push(b"Dxyz")] == ["abc", "", ""]
+    assert s.finish_reason == "stop" and s.text == "abc"
+    s = serve.TextStream(["END"])
+    assert [s.push(b"abE"), s.push(b"x"), s.finish("length")] == ["ab", "Ex", ""]
+    assert s.finish_reason == "length"
+
+
+# --- export to Hugging Face ---
+
+STRINGS = ["hello world", "def f(x):\n    return x**2  # square\n\n\n", "naïve café 日本語 🙂 emoji",
+           "12345678 3.14 1e-10", "   spaces\t\ttabs\r\n\r\nwindows", "<|endoftext|>hi<|user|>there<|end|>",
+           "it's they're we'll I'M", "a" * 70, "x\x0b\x0cy", "", "αβγ ΑΒΓ ǅ", "\u00a0nbsp\u2028", "!!!???...,,,;;;"]
+
+
+def check_tokenizer(out, tokenizer):
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(out)
+    import sysconfig
+    with open(os.path.join(sysconfig.get_paths()["stdlib"], "textwrap.py"), encoding="utf-8") as f:
+        code = f.read()
+    for s in STRINGS + [code]:
+        assert hf.encode(s, add_special_tokens=False) == tokenizer.encode(s, allow_special=True), s[:40]
+        assert hf.decode(tokenizer.encode(s, allow_special=True)) == s
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "sort: c a b"},
+                {"role": "assistant", "content": "a b c"}, {"role": "user", "content": "naïve 🙂?"}]
+    rendered = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert hf.encode(rendered, add_special_tokens=False) == sft.render_prompt(messages, tokenizer)
+    rendered = hf.apply_chat_template(messages, tokenize=False)
+    assert hf.encode(rendered, add_special_tokens=False) == sft.render(messages, tokenizer)[0]
+
+
+def check_model(out, model, arch):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf).__name__ == arch and hf.dtype == torch.float32
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, model.config.vocab_size, (2, model.config.block_size), generator=g)
+    with torch.no_grad():
+        ours, _ = model(idx)
+        theirs = hf(idx).logits
+    assert (ours - theirs).abs().max().item() < 1e-4
+    with open(os.path.join(out, "generation_config.json")) as f:
+        eos = json.load(f)["eos_token_id"]
+    prompt = idx[0, :8].tolist()
+    want = model.generate([prompt], 24, temperature=0, stop_tokens=eos)[0]
+    got = hf.generate(torch.tensor([prompt]), max_new_tokens=24, do_sample=False, pad_token_id=eos[0])[0, 8:]
+    assert got.tolist() == want
+
+
+def test_export_gpt2_family_round_trip(sft_checkpoint, tmp_path):
+    out = str(tmp_path / "hf")
+    serve.main(["--export", sft_checkpoint["ckpt"], out])
+    model, tokenizer, _, _ = sft.load_base(sft_checkpoint["ckpt"])
+    assert sorted(os.listdir(out)) == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                                       "tokenizer_config.json"]
+    check_model(out, model, "GPT2LMHeadModel")
+    check_tokenizer(out, tokenizer)
+    with pytest.raises(serve.ExportError, match="not an empty folder"):
+        serve.export_hf(model, tokenizer, out)
+
+
+def test_export_llama_family_round_trip(pretrained, tmp_path):
+    tokenizer = sft.with_chat_tokens(data.load_tokenizer(pretrained["data_dir"]))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=48, n_layer=2, n_head=4, n_kv_head=2, n_embd=64,
+                          pos="rope", rope_theta=500.0, norm="rmsnorm", norm_eps=1e-6, mlp="swiglu", bias=False,
+                          tie_embeddings=False))
+    with torch.no_grad():  # larger weights than the init: decisive logits, so greedy decoding has no near-ties
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.1 if "ln" in name else 0.08))
+    out = str(tmp_path / "llama")
+    assert serve.export_hf(model, tokenizer, out) == "LlamaForCausalLM"
+    with open(os.path.join(out, "config.json")) as f:
+        assert json.load(f)["num_key_value_heads"] == 2
+    check_model(out, model, "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("overrides, name", [
+    (dict(mlp="relu2"), "mlp"), (dict(qk_norm=True), "qk_norm"), (dict(logit_softcap=30.0), "logit_softcap"),
+    (dict(pos="rope", mlp="swiglu", bias=False), "norm"), (dict(n_kv_head=1), "n_kv_head"),
+    (dict(pos="rope", norm="rmsnorm", mlp="swiglu", bias=True), "bias"),
+])
+def test_export_refuses_what_has_no_counterpart_naming_the_field(overrides, name):
+    config = GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), **overrides})
+    with pytest.raises(serve.ExportError, match=f"GPTConfig.{name}="):
+        serve.hf_architecture(config)
