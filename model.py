@@ -528,54 +528,56 @@ class GPT(nn.Module):
         None for a row that had already stopped. A chat streams its answer through it.
         """
         was_training = self.training
-        self.eval()
-        cfg, block = self.config, self.config.block_size
-        as_list = isinstance(idx, (list, tuple))
-        doc = pos = None  # (B, T) each for a list of prompts; None keeps a tensor on the plain causal path
-        if as_list:
-            idx, doc, pos = left_pad(idx, self.transformer.wte.weight.device)
-            if idx.size(1) > block:
-                raise ValueError(f"the longest prompt has {idx.size(1)} tokens, more than block_size={block}")
-            max_new_tokens = min(max_new_tokens, block - idx.size(1))
-        prompt_len = idx.size(1)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=idx.device).manual_seed(seed)
-        stop = torch.tensor(sorted(stop_tokens or []), device=idx.device, dtype=idx.dtype)
-        done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
-        cache = None
-        for _ in range(max_new_tokens):
-            if use_cache and cache is not None and cache.pos < block:
-                logits, _ = self(idx[:, -1:], kv_cache=cache, pos=_last(pos, 1), doc=_last(doc, 1))  # one token
-            else:
-                window = idx[:, -block:]
-                if use_cache:
-                    # A list never slides, so its cache needs only the slots it will fill: at 256 prompts a
-                    # block_size cache would be mostly zeros to allocate.
-                    max_len = prompt_len + max_new_tokens if as_list else block
-                    cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head,
-                                    idx.device, self.transformer.wte.weight.dtype)
-                # prefill, or a full recompute
-                logits, _ = self(window, kv_cache=cache, pos=_last(pos, block), doc=_last(doc, block))
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
-            if len(stop):
-                # A row that stopped repeats its stop token (tensor input) or is fed padding, token 0 (a list).
-                next_id = torch.where(done, idx[:, -1:] if doc is None else torch.zeros_like(next_id), next_id)
-            if doc is not None:
-                doc = torch.cat([doc, (~done).long()], dim=1)     # id 1 for a real token, 0 for padding
-                pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
-            if on_token is not None:
-                on_token([None if d else t for d, t in zip(done[:, 0].tolist(), next_id[:, 0].tolist())])
-            if len(stop):
-                done = done | torch.isin(next_id, stop)
-            idx = torch.cat([idx, next_id], dim=1)
-            if len(stop) and bool(done.all()):
-                break
-        self.train(was_training)
-        if not as_list:
-            return idx
-        new, real = idx[:, prompt_len:].tolist(), doc[:, prompt_len:].bool().tolist()  # real: not padding
-        return [[t for t, is_real in zip(row, row_real) if is_real] for row, row_real in zip(new, real)]
+        self.eval()  # no dropout; restored in `finally`, also when on_token raises to stop a generation
+        try:
+            cfg, block = self.config, self.config.block_size
+            as_list = isinstance(idx, (list, tuple))
+            doc = pos = None  # (B, T) each for a list of prompts; None keeps a tensor on the plain causal path
+            if as_list:
+                idx, doc, pos = left_pad(idx, self.transformer.wte.weight.device)
+                if idx.size(1) > block:
+                    raise ValueError(f"the longest prompt has {idx.size(1)} tokens, more than block_size={block}")
+                max_new_tokens = min(max_new_tokens, block - idx.size(1))
+            prompt_len = idx.size(1)
+            generator = None
+            if seed is not None:
+                generator = torch.Generator(device=idx.device).manual_seed(seed)
+            stop = torch.tensor(sorted(stop_tokens or []), device=idx.device, dtype=idx.dtype)
+            done = torch.zeros(idx.size(0), 1, dtype=torch.bool, device=idx.device)
+            cache = None
+            for _ in range(max_new_tokens):
+                if use_cache and cache is not None and cache.pos < block:
+                    logits, _ = self(idx[:, -1:], kv_cache=cache, pos=_last(pos, 1), doc=_last(doc, 1))  # one token
+                else:
+                    window = idx[:, -block:]
+                    if use_cache:
+                        # A list never slides, so its cache needs only the slots it will fill: at 256 prompts a
+                        # block_size cache would be mostly zeros to allocate.
+                        max_len = prompt_len + max_new_tokens if as_list else block
+                        cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head,
+                                        idx.device, self.transformer.wte.weight.dtype)
+                    # prefill, or a full recompute
+                    logits, _ = self(window, kv_cache=cache, pos=_last(pos, block), doc=_last(doc, block))
+                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                if len(stop):
+                    # A row that stopped repeats its stop token (tensor input) or is fed padding, token 0 (a list).
+                    next_id = torch.where(done, idx[:, -1:] if doc is None else torch.zeros_like(next_id), next_id)
+                if doc is not None:
+                    doc = torch.cat([doc, (~done).long()], dim=1)     # id 1 for a real token, 0 for padding
+                    pos = torch.cat([pos, pos[:, -1:] + 1], dim=1)
+                if on_token is not None:
+                    on_token([None if d else t for d, t in zip(done[:, 0].tolist(), next_id[:, 0].tolist())])
+                if len(stop):
+                    done = done | torch.isin(next_id, stop)
+                idx = torch.cat([idx, next_id], dim=1)
+                if len(stop) and bool(done.all()):
+                    break
+            if not as_list:
+                return idx
+            new, real = idx[:, prompt_len:].tolist(), doc[:, prompt_len:].bool().tolist()  # real: not padding
+            return [[t for t, is_real in zip(row, row_real) if is_real] for row, row_real in zip(new, real)]
+        finally:
+            self.train(was_training)
 
     # --- vocabulary ---
 
