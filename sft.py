@@ -580,8 +580,9 @@ def main(cfg):
     sets = eval_sets(cfg.kinds, cfg.eval_difficulties, cfg.eval_examples)
     held_out = [ex["messages"] for exs in sets.values() for ex in exs]
     val_examples, _ = build_examples(held_out, tokenizer, cfg.seq_len, "drop")
-    val_batches = [train.to_device(b, rt) for b in SFTLoader(val_examples, cfg.batch_size, cfg.seq_len, cfg.pack,
-                                                              tokenizer.eot_id, rt.rank, rt.world_size).fixed_batches(10)]
+    val_loader = SFTLoader(val_examples, cfg.batch_size, cfg.seq_len, cfg.pack, tokenizer.eot_id, rt.rank,
+                           rt.world_size)
+    val_batches = [train.to_device(b, rt) for b in val_loader.fixed_batches(10)]  # the same ones at every eval
 
     # --- model ---
     model.to(rt.device)
