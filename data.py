@@ -6,6 +6,7 @@ Chapter 1 of forge ("data preparation"). Every later stage reads what this file 
     python data.py --dataset shakespeare            # downloaded once into data/cache, checked by sha256
     python data.py --input notes/ book.txt --out-dir data/mine --vocab-size 8192
     python data.py --tokenizer gpt2                 # skip BPE training, use tiktoken's GPT-2 encoding
+    python data.py --canaries 4 --out-dir data/canary   # plant 4 secrets at each of 0, 1, 4, 16 repeats (eval.py)
 
 It runs on the CPU in a single process (tokenization uses a few threads). The pipeline, in file order:
 
@@ -93,6 +94,12 @@ SHARD_VERSION = 1
 # 64-byte shard header: magic, version, bytes per token (2 or 4), token count, tokenizer hash; then the tokens.
 SHARD_HEADER = struct.Struct("<8sIIQ16s24x")
 
+# Canaries (Carlini et al. 2019, "The Secret Sharer"): random secrets planted in the train split, each repeated
+# 0 (a control the model never sees), 1, 4 or 16 times, so that eval.py can measure how memorisation grows with
+# repetition. A secret is 9 digits spaced one per token, from a space of 10^9, behind a prefix of its own.
+CANARY_REPEATS = (0, 1, 4, 16)
+CANARY_DIGITS = 9
+
 
 @dataclass
 class DataConfig:
@@ -113,6 +120,7 @@ class DataConfig:
     doc_chars: int = 8000  # .txt/.md files are cut at blank lines into documents of about this many characters
     shard_tokens: int = 2**24  # tokens per shard file
     workers: int | None = None  # tokenizer threads; None: os.cpu_count()
+    canaries: int = 0  # plant this many random secrets per repetition count (CANARY_REPEATS) for eval.py; 0: none
 
 
 class DataError(Exception):
@@ -712,6 +720,19 @@ def is_val(text, seed, fraction):
     return int.from_bytes(h, "little") / 2**64 < fraction
 
 
+def canary_secret(rng):
+    """A random secret of the canary format, "7 3 9 1 0 4 2 8 5"; eval.py draws its reference candidates here."""
+    return " ".join(str(d) for d in rng.integers(0, 10, CANARY_DIGITS))
+
+
+def make_canaries(n, seed):
+    """n canaries per repetition count: {"prefix", "secret", "repeats"}; the text planted is prefix + " " + secret.
+    Each prefix names its own random user, so a secret has to be learned with its context."""
+    rng = np.random.default_rng([seed, 2019])
+    return [{"prefix": f"# the secret code of user {''.join(rng.choice(list('abcdefghijklmnopqrstuvwxyz'), 6))} is",
+             "secret": canary_secret(rng), "repeats": r} for r in CANARY_REPEATS for _ in range(n)]
+
+
 # --- prepare: the whole pipeline ---
 
 def resolve(cfg):
@@ -766,6 +787,8 @@ def _prepare_into(cfg, folder):
         raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
     if not 0 <= cfg.val_fraction < 1:
         raise DataError(f"--val-fraction {cfg.val_fraction} is not in [0, 1)")
+    if cfg.canaries < 0:
+        raise DataError(f"--canaries {cfg.canaries}: give 0 (none) or more per repetition count")
     if cfg.tokenizer is not None:
         load_tokenizer(cfg.tokenizer)  # fail before the long part: offline gpt2, or not a tokenizer folder
     report, source = CleanReport(), {"dataset": cfg.dataset}
@@ -781,6 +804,12 @@ def _prepare_into(cfg, folder):
             n_docs += 1
             if train_bpe_here and split == "train":
                 chunks.update(re.findall(SPLIT_PATTERN, text))
+        # Canary texts count for BPE like the training text they are about to join.
+        canaries = make_canaries(cfg.canaries, cfg.seed) if cfg.canaries > 0 else []
+        for c in canaries:
+            if train_bpe_here and c["repeats"]:
+                for chunk, k in Counter(re.findall(SPLIT_PATTERN, f"{c['prefix']} {c['secret']}\n")).items():
+                    chunks[chunk] += k * c["repeats"]
     skipped = ", ".join(f"{v} {k}" for k, v in report.skipped_files.items())
     if n_docs == 0:
         raise DataError(f"no documents left after reading and cleaning {cfg.input or cfg.dataset}"
@@ -805,7 +834,16 @@ def _prepare_into(cfg, folder):
     # pass 2: encode in batches on cfg.workers threads (tiktoken releases the GIL), write the shards
     dtype = token_dtype(tok.vocab_size)
     writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens, tok.hash) for s in ("train", "val")}
+    # Canaries are planted after cleaning (dedup would keep one copy of each), as documents of their own before
+    # randomly chosen documents (copies side by side could be copied from the context instead of memorised).
+    rng, planted = np.random.default_rng([cfg.seed, 1802]), defaultdict(list)
+    for c in canaries:
+        for at in rng.integers(0, n_docs, c["repeats"]):
+            planted[int(at)].append(["train", f"{c['prefix']} {c['secret']}\n"])
+    n_seen = 0
     for batch in _batches(docs_file):
+        start, n_seen = n_seen, n_seen + len(batch)  # batch holds the cleaned documents start, start + 1, ...
+        batch = [doc for i, d in enumerate(batch, start) for doc in planted.get(i, []) + [d]]
         for (split, text), ids in zip(batch, tok.encode_batch([t for _, t in batch], cfg.workers)):
             writers[split].add([tok.eot_id] + ids, len(text.encode()))  # the boundary token starts each document
     docs_file.unlink()
@@ -824,6 +862,7 @@ def _prepare_into(cfg, folder):
         "report": report.to_dict(),
         "seconds": {"read_clean": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "shards": round(t3 - t2, 2)},
         "config": dataclasses.asdict(cfg),
+        "canaries": canaries,
     }
     (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: its presence marks completion

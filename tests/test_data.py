@@ -629,3 +629,23 @@ def test_cli_prepares_a_folder(tmp_path, capsys):
     data.main(["--input", str(tmp_path / "src"), "--out-dir", str(tmp_path / "out"), "--vocab-size", "300"])
     assert "tokenizer: 300 tokens" in capsys.readouterr().out
     assert data.load_meta(tmp_path / "out")["vocab_size"] == 300
+
+
+def test_canaries_are_planted_at_their_repeat_counts_and_recorded(tmp_path):
+    write_jsonl(tmp_path / "in" / "docs.jsonl", random_docs(60))
+    meta = data.prepare(DataConfig(input=[str(tmp_path / "in")], out_dir=str(tmp_path / "out"), vocab_size=300,
+                                   val_fraction=0.1, canaries=2, workers=1))
+    canaries = meta["canaries"]
+    assert [c["repeats"] for c in canaries] == [r for r in data.CANARY_REPEATS for _ in range(2)]
+    assert len({c["secret"] for c in canaries}) == len(canaries)
+    assert all(len(c["secret"].split()) == data.CANARY_DIGITS for c in canaries)
+    tok = data.load_tokenizer(tmp_path / "out")
+    texts = {split: tok.decode(np.concatenate([np.asarray(data.open_shard(tmp_path / "out" / name))
+                                               for name in meta["splits"][split]["shards"]]).tolist())
+             for split in ("train", "val")}
+    for c in canaries:  # each exactly `repeats` times in train, never in val (a control canary never at all)
+        planted = f"{c['prefix']} {c['secret']}\n"
+        assert texts["train"].count(planted) == c["repeats"] and planted not in texts["val"]
+    assert meta["splits"]["train"]["docs"] == 60 - meta["splits"]["val"]["docs"] + 2 * sum(data.CANARY_REPEATS)
+    with pytest.raises(DataError, match="--canaries -1"):
+        data.prepare(DataConfig(input=[str(tmp_path / "in")], out_dir=str(tmp_path / "bad"), canaries=-1))
