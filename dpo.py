@@ -606,11 +606,11 @@ def unkeyed(acc):
 # --- main ---
 
 def find_init(path):
-    path = path or "out/sft"
-    if not os.path.exists(path) or (os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json"))
-                                    and not train.list_checkpoints(path)):
-        raise DPOError(f"no SFT checkpoint at {path}: run `python sft.py` first, or give --init CKPT")
-    return sft.find_init(path)
+    """The SFT checkpoint to align: path, or the newest in out/sft (DPOError naming `python sft.py` if none)."""
+    try:
+        return sft.find_init(path, "out/sft", "python sft.py")
+    except sft.SFTError as e:
+        raise DPOError(str(e)) from None
 
 
 def derive(cfg, sft_config):

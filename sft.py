@@ -430,16 +430,19 @@ def lora_state(model):
 
 # --- checkpoints and models ---
 
-def find_init(path):
-    """The checkpoint file to start from, with a message that says what to run when there is none."""
-    path = path or "out/pretrain"
+def find_init(path, default="out/pretrain", before="python train.py"):
+    """The checkpoint file to start from: path (a file, a run folder's newest checkpoint, or a Hugging Face
+    folder), or default's newest when path is None; SFTError saying to run `before` first when there is none.
+    dpo.py passes out/sft and `python sft.py`, so each stage names the one before it."""
+    path = path or default
+    hint = f"run `{before}` first, or give the checkpoint's path"
     if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
         found = train.list_checkpoints(path)
         if not found:
-            raise SFTError(f"no checkpoint in {path}: run `python train.py` first, or give --init CKPT")
+            raise SFTError(f"no checkpoint in {path}: {hint}")
         return found[-1]
     if not os.path.exists(path):
-        raise SFTError(f"--init {path} does not exist: run `python train.py` first, or give --init CKPT")
+        raise SFTError(f"{path} does not exist: {hint}")
     return path
 
 
