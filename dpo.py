@@ -70,7 +70,7 @@ then fell to 0.37 while its loss and reward accuracy kept improving. Adding the 
     L_pair = L_dpo + alpha * ( -log pi(y_c|x) / |y_c| )            (--sft-weight alpha, 0 turns it off)
 
 held it at 0.98. Both terms are per pair, and train.train_step divides their sum by the global count of pairs.
-On by default, with a learning rate far below SFT's (1e-5 against SFT's 1e-3: on the `mini` SFT model, 3e-5
+On by default, with a learning rate far below SFT's (1e-5 against SFT's 2e-3: on the `mini` SFT model, 3e-5
 and 1e-4 already lowered held-out accuracy while reward accuracy rose), and held-out *task* accuracy measured
 during training: the DPO metrics alone cannot tell you when to stop, so the best checkpoint is kept by it.
 
@@ -140,7 +140,7 @@ class DPOConfig:
     batch_size: int = 16                # pairs per micro-batch per device
     grad_accum: int = 1                 # micro-batches per optimizer step
     max_steps: int = 150                # optimizer steps
-    lr: float | None = None             # peak learning rate; None = 1e-5 full fine-tuning, 1e-4 with LoRA (SFT: 1e-3)
+    lr: float | None = None             # peak learning rate; None = 1e-5 full fine-tuning, 1e-4 with LoRA (SFT: 2e-3)
     min_lr_frac: float = 0.1            # final learning rate as a fraction of --lr
     warmup_steps: int | None = None     # linear warmup steps; None = 10% of max_steps
     schedule: str = "cosine"            # cosine, wsd or constant (train.lr_at)
