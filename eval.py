@@ -664,6 +664,7 @@ def evaluate(cfg, ckpt_path):
         timed("answers", fixed_answers)
 
     out = cfg.out or os.path.join(os.path.dirname(os.path.abspath(ckpt_path)), "eval.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     sft.write_json(out, result)
     result["written_to"] = out
     return result
