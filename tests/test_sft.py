@@ -357,7 +357,7 @@ def test_torchrun_on_two_cpu_processes_equals_one_process(pretrained, tmp_path):
         port = s.getsockname()[1]
     common = ["--init", pretrained["ckpt"], "--kinds", "copy", "--difficulties", "1", "--examples-per-task", "120",
               "--eval-examples", "8", "--eval-difficulties", "1", "--max-steps", "3", "--log-every", "1",
-              "--eval-every", "100", "--device", "cpu", "--max-new-tokens", "8"]
+              "--eval-every", "100", "--device", "cpu", "--max-new-tokens", "8", "--replay", "0.25"]
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
                         f"--master_port={port}", "sft.py", *common, "--batch-size", "4", "--out-dir",
                         str(tmp_path / "ddp")], capture_output=True, text=True, cwd=ROOT, timeout=300)
@@ -367,8 +367,31 @@ def test_torchrun_on_two_cpu_processes_equals_one_process(pretrained, tmp_path):
     assert r.returncode == 0 or (finished and "SIGABRT" in r.stderr), r.stdout[-1500:] + r.stderr[-3000:]
     assert "device cpu x 2" in r.stdout
     single = sft.main(sft_cfg(pretrained, tmp_path / "one", kinds=["copy"], examples_per_task=120, eval_examples=8,
-                              max_steps=3, log_every=1, eval_every=100, batch_size=8, lr=None, max_new_tokens=8))
+                              max_steps=3, log_every=1, eval_every=100, batch_size=8, lr=None, max_new_tokens=8,
+                              replay=0.25))  # 2 text rows of 8 here, 1 of 4 on each rank: the same windows
     ddp = json.loads((tmp_path / "ddp" / "summary.json").read_text())
     losses = [[r["loss"] for r in train.read_metrics(str(tmp_path / d))] for d in ("ddp", "one")]
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
     assert ddp["after"] == pytest.approx(single["after"])
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_replay_rows_are_whole_documents_trained_on_every_token(pack):
+    exs = examples_of([7, 5, 9, 3, 6, 8])
+    batch = sft.SFTLoader(exs, 2, 20, pack, 0, seed=0).next_batch()
+    text = torch.randint(0, 50, (1, 20)), torch.randint(0, 50, (1, 20))
+    mixed = sft.with_replay(batch, text)
+    T = batch[0].size(1)
+    assert mixed[0].shape == (3, T) and torch.equal(mixed[1][2], text[1][0, :T]) and (mixed[1][2] != -1).all()
+    if pack:
+        assert mixed[2][2].tolist() == list(range(T)) and (mixed[3][2] == 0).all()
+    assert all(torch.equal(m[:2], b) for m, b in zip(mixed, batch))
+
+
+def test_replay_keeps_the_text_loss_from_running_away(pretrained, tmp_path):
+    runs = {r: sft.main(sft_cfg(pretrained, tmp_path / f"r{r}", replay=r, max_steps=60, eval_every=60,
+                                eval_examples=8, examples_per_task=200)) for r in (0.0, 0.25)}
+    assert runs[0.0]["replay_rows"] == 0 and runs[0.25]["replay_rows"] == 2
+    assert runs[0.0]["text_loss_before"] == runs[0.25]["text_loss_before"]  # the same base, the same text
+    forgot = {r: s["text_loss_after"] - s["text_loss_before"] for r, s in runs.items()}
+    assert forgot[0.25] < 0.5 * forgot[0.0], forgot
