@@ -545,6 +545,8 @@ def main(cfg):
             print0(f"fresh run: deleting the checkpoints of an earlier run in {cfg.out_dir}")
             for old in list_checkpoints(cfg.out_dir):
                 os.remove(old)
+        if os.path.exists(os.path.join(cfg.out_dir, "summary.json")):  # written again once this run is complete
+            os.remove(os.path.join(cfg.out_dir, "summary.json"))
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
     model = torch.compile(raw_model) if cfg.compile else raw_model
@@ -620,6 +622,14 @@ def main(cfg):
         for i, row in enumerate(out.tolist()):
             ids = [t for t in row[1:] if t < tokenizer.vocab_size]  # padded vocabulary rows are no tokens
             print0(f"--- sample {i + 1} ---\n{tokenizer.decode(ids)}")
+    if rt.master and done == cfg.max_steps:  # a complete run: the next stage and the report read this
+        summary = {"stage": "pretrain", "checkpoint": list_checkpoints(cfg.out_dir)[-1], "steps": done,
+                   "tokens": done * total_batch_tokens, "val_loss": val_loss, "val_bpb": val_bpb,
+                   "unigram": unigram, "params": raw_model.num_params(), "data_dir": cfg.data_dir}
+        tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=1)
+        os.replace(tmp, os.path.join(cfg.out_dir, "summary.json"))
     if rt.ddp:
         dist.barrier()  # rank 0 may still be saving or sampling: no rank tears the group down before the others
     return {"step": done, "val_loss": val_loss, "val_bpb": val_bpb, "params": raw_model.num_params(),

@@ -5,6 +5,7 @@ The step (overfitting, accumulation, DDP on 2 CPU processes with gloo), the sche
 command line end to end. Everything runs on the CPU on a tiny dataset that data.prepare builds from
 a few standard-library files, with a tiny vocabulary.
 """
+import json
 import math
 import os
 import signal
@@ -420,6 +421,9 @@ def test_command_line_trains_evaluates_saves_and_samples(data_dir, tmp_path):
     assert [r["step"] for r in evals] == [20, 40] and all(r["val_bpb"] > 0 for r in evals)
     assert evals[-1]["val_loss"] < records[0]["loss"] - 1.0  # it learned
     assert os.path.getsize(run / "loss.png") > 0 and train.list_checkpoints(str(run))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stage"] == "pretrain" and summary["val_loss"] == pytest.approx(evals[-1]["val_loss"])
+    assert summary["checkpoint"] == train.list_checkpoints(str(run))[-1]
     plotted = run_cli([os.path.join(ROOT, "train.py"), "--plot", str(run), str(run)], cwd=tmp_path)
     assert plotted.returncode == 0 and os.path.getsize(tmp_path / "loss_compare.png") > 0
 
