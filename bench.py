@@ -3,6 +3,7 @@
     python bench.py data       # BPE training and encoding, beside Hugging Face tokenizers when installed
     python bench.py kernels    # Triton kernels against PyTorch (needs a GPU)
     python bench.py train      # tokens/s and MFU per preset on the device at hand
+    python bench.py eval       # eval.py's memorisation index: build and query time
     python bench.py sft        # packed SFT tokens/s against pretraining, padding saved, batched generation
     python bench.py serve      # serve.py: streamed tokens/s against in-process generate, time to first token
 
@@ -556,12 +557,47 @@ def bench_serve(args):
           f"last answer after {max(x for x in latency if x is not None):.2f} s")
 
 
+# --- eval ---
+
+def bench_eval(args):
+    """The memorisation index of eval.py: build time over N random tokens and the time of 10,000 span queries
+    (half present in the tokens, half random), with every answer checked.
+        python bench.py eval [--tokens 10000000] [--spans 10000]"""
+    import time
+
+    import numpy as np
+
+    import eval as ev
+
+    parser = argparse.ArgumentParser(prog="bench.py eval", description=bench_eval.__doc__)
+    parser.add_argument("--tokens", type=int, default=10_000_000, help="tokens indexed")
+    parser.add_argument("--spans", type=int, default=10_000, help="50-token span queries")
+    opts = parser.parse_args(args)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 4096, opts.tokens).astype(np.uint16)
+    print(f"numpy {np.__version__}; {opts.tokens:,} random tokens of a 4096-token vocabulary")
+    print("| window n | build | 10k span queries |")
+    print("| ---: | ---: | ---: |")
+    for n in (32, 50):
+        t0 = time.perf_counter()
+        index = ev.NgramIndex(tokens, n)
+        build = time.perf_counter() - t0
+        half = opts.spans // 2
+        present = np.stack([tokens[s:s + 50] for s in rng.integers(0, len(tokens) - 50, half)])
+        spans = np.concatenate([present, rng.integers(0, 4096, (opts.spans - half, 50))])
+        t0 = time.perf_counter()
+        counts = index.count(spans)
+        query = time.perf_counter() - t0
+        assert (counts[:half] >= 1).all() and (counts[half:] == 0).all(), "the index answered wrongly"
+        print(f"| {n} | {build:.2f} s | {1000 * query:.0f} ms |", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "kernels", "train", "sft", "serve"])
+    parser.add_argument("what", choices=["data", "kernels", "train", "sft", "serve", "eval"])
     args, rest = parser.parse_known_args(argv)
     {"data": bench_data, "kernels": bench_kernels, "train": bench_train, "sft": bench_sft,
-     "serve": bench_serve}[args.what](rest)
+     "serve": bench_serve, "eval": bench_eval}[args.what](rest)
 
 
 if __name__ == "__main__":
