@@ -295,7 +295,6 @@ def bench_sft(args):
         python bench.py sft                                    # mini on CPU, gpt2 on CUDA
         python bench.py sft --init out/sft --prompts 256       # generation with a fine-tuned checkpoint
     """
-    import os
     import time
 
     import torch
@@ -507,7 +506,7 @@ def bench_serve(args):
     try:
         for _ in range(600):  # the server loads the model: at most a minute
             try:
-                conn, r = http.client.HTTPConnection("127.0.0.1", port, timeout=1), None
+                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
                 conn.request("GET", "/health")
                 if conn.getresponse().status == 200:
                     break
