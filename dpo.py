@@ -468,13 +468,18 @@ class PairLoader:
 # count of pairs. pc, pr: the policy's summed log-probs of the chosen and rejected answers; rc, rr: the reference's;
 # nc, nr: answer lengths in tokens. F.logsigmoid(z) = log sigma(z), computed without overflow.
 
+def token_logps(logits, y):
+    """Per-token log-probabilities of the targets y (B, T) under logits (B, T, V): (B, T), 0 where y = -1."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T); -1 targets read token 0 ...
+    return picked * (y != -1)                              # ... and are zeroed here
+
+
 def sequence_logps(model, batch):
     """Summed log-probabilities of each row's counted targets (y != -1): (B,). Prompt and padding add nothing."""
     x, y = batch[0], batch[1]
     logits, _ = model(x)                                   # (B, T, V)
-    logp = F.log_softmax(logits.float(), dim=-1)
-    picked = logp.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T); -1 targets read token 0 ...
-    return (picked * (y != -1)).sum(dim=1)                 # ... and are zeroed here
+    return token_logps(logits, y).sum(dim=1)
 
 
 def dpo_loss(pc, pr, rc, rr, beta):

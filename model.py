@@ -233,6 +233,11 @@ class KVCache:
         self.v[layer, :, :, self.pos:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
+    def repeat_rows(self, n):
+        """Copy each row's cache to n consecutive rows (B -> B*n): one prefill serves n samples of a prompt."""
+        self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        self.doc = self.doc.repeat_interleave(n, dim=0)
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config, layer_idx):
@@ -438,7 +443,7 @@ class GPT(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx, targets=None, reduction="mean", kv_cache=None, pos=None, doc=None):
+    def forward(self, idx, targets=None, reduction="mean", kv_cache=None, pos=None, doc=None, last_only=False):
         """idx (B, T) token ids -> (logits (B, T, V), loss).
 
         targets (B, T) with -1 where no loss is wanted; reduction "mean" (over counted tokens) or "sum"
@@ -453,6 +458,8 @@ class GPT(nn.Module):
         several documents per row; padding given its own id). With kv_cache the ids are stored with the
         keys, so later tokens are masked against the cached ones. None = plain causal attention through
         the fast path (SDPA's is_causal, or the Triton kernel); attn="triton" runs SDPA when doc is given.
+        last_only (without targets): logits of the last position only, (B, 1, V). Generation needs no more,
+        and the output layer is a large share of a small model's FLOPs over a whole prompt.
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
@@ -483,7 +490,7 @@ class GPT(nn.Module):
             kv_cache.pos += T
 
         if targets is None:
-            return self._logits(x), None
+            return self._logits(x[:, -1:] if last_only else x), None
         if self.config.kernels == "triton" and self.config.logit_softcap is None:
             _, _, cross_entropy = _triton_kernels()
             h, weight = x.view(B * T, -1), self.lm_head.weight
@@ -509,7 +516,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_tokens=None, seed=None,
-                 use_cache=True, on_token=None):
+                 use_cache=True, on_token=None, n=1):
         """Append up to max_new_tokens sampled tokens to idx (B, T) and return the longer (B, T') tensor.
 
         With the KV cache the prompt is run once (prefill), then each step feeds one token. When the
@@ -526,6 +533,11 @@ class GPT(nn.Module):
 
         on_token, when given, is called after every step with a list of B ints: each row's new token, or
         None for a row that had already stopped. A chat streams its answer through it.
+
+        n > 1 samples n continuations of every prompt from one prefill: the prompt is run once, then its
+        logits, cache and tokens are copied to n consecutive rows (B -> B*n rows, row i*n + j is sample j
+        of prompt i). With one seed this gives the same samples as passing each prompt n times (GRPO's
+        G answers per prompt, rlhf.py), for a prefill n times smaller.
         """
         was_training = self.training
         self.eval()  # no dropout; restored in `finally`, also when on_token raises to stop a generation
@@ -547,7 +559,7 @@ class GPT(nn.Module):
             cache = None
             for _ in range(max_new_tokens):
                 if use_cache and cache is not None and cache.pos < block:
-                    logits, _ = self(idx[:, -1:], kv_cache=cache, pos=_last(pos, 1), doc=_last(doc, 1))  # one token
+                    logits, _ = self(idx[:, -1:], kv_cache=cache, pos=_last(pos, 1), doc=_last(doc, 1))
                 else:
                     window = idx[:, -block:]
                     if use_cache:
@@ -557,7 +569,14 @@ class GPT(nn.Module):
                         cache = KVCache(cfg.n_layer, idx.size(0), cfg.n_kv_head, max_len, cfg.n_embd // cfg.n_head,
                                         idx.device, self.transformer.wte.weight.dtype)
                     # prefill, or a full recompute
-                    logits, _ = self(window, kv_cache=cache, pos=_last(pos, block), doc=_last(doc, block))
+                    logits, _ = self(window, kv_cache=cache, pos=_last(pos, block), doc=_last(doc, block),
+                                     last_only=True)
+                    if n > 1:  # after the first prefill only: from here on the batch has B*n rows
+                        logits, idx, done = (t.repeat_interleave(n, dim=0) for t in (logits, idx, done))
+                        doc, pos = (None if t is None else t.repeat_interleave(n, dim=0) for t in (doc, pos))
+                        if cache is not None:
+                            cache.repeat_rows(n)
+                        n = 1
                 next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
                 if len(stop):
                     # A row that stopped repeats its stop token (tensor input) or is fed padding, token 0 (a list).

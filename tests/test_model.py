@@ -621,3 +621,15 @@ def test_triton_kernels_give_the_torch_path_loss_and_gradients(variant):
     torch.testing.assert_close(results[1][0], results[0][0], atol=1e-4, rtol=1e-4)
     for name, g in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], g, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_generate_n_shares_one_prefill_and_equals_repeating_each_prompt():
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", vocab_size=64, block_size=32)).eval()
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    shared = model.generate(prompts, 8, temperature=1.0, stop_tokens=[3], seed=5, n=4)
+    each = model.generate([p for p in prompts for _ in range(4)], 8, temperature=1.0, stop_tokens=[3], seed=5)
+    assert shared == each and len(shared) == 12
+    assert len({tuple(r) for r in shared[:4]}) > 1  # the copies sample apart at T = 1
+    tensor = model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=1.0, seed=2, n=3)
+    assert torch.equal(tensor, model.generate(torch.tensor([[1, 2, 3]] * 3), 6, temperature=1.0, seed=2))

@@ -1,0 +1,247 @@
+"""Tests for rlhf.py: python -m pytest -q tests/test_rlhf.py
+
+The losses against hand-computed numbers (Bradley-Terry, GAE, whitening, the clipped surrogate's zero gradient
+outside the clip range, the clipped value loss, k3, GRPO's group advantages, the KL controller), the reward head
+read at the last answer token whatever the padding, the shared prefill equal to separate prefills, the sampled
+<|end|> inside the policy-gradient mask, the flawed teacher, and runs from the session's SFT checkpoint
+(tests/conftest.py): a reward model above chance on held-out pairs, a short GRPO run that raises the mean reward,
+a PPO step, one-line errors.
+"""
+import copy
+import math
+import os
+import random
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import rlhf  # noqa: E402
+import sft  # noqa: E402
+import tasks  # noqa: E402
+import train  # noqa: E402
+from model import GPT, config_from_preset  # noqa: E402
+
+RT = train.Runtime("cpu", "cpu", torch.float32)
+KINDS = ["copy", "reverse", "sort"]
+
+
+def t(*v):
+    return torch.tensor(v, dtype=torch.float64)
+
+
+# --- losses ---
+
+def test_bradley_terry_loss_on_hand_made_numbers():
+    loss = rlhf.bt_loss(t(2.0, 0.0, -1.0), t(0.0, 0.0, 1.0))
+    expected = [math.log(1 + math.exp(-2)), math.log(2), math.log(1 + math.exp(2))]
+    assert torch.allclose(loss, t(*expected))
+
+
+def test_gae_matches_a_hand_computed_example_with_masks():
+    # one row: 2 prompt positions (mask 0), 3 answer tokens, 1 pad
+    mask = t(0, 0, 1, 1, 1, 0).unsqueeze(0)
+    rewards = t(0, 0, 0.1, 0.2, 1.0, 0).unsqueeze(0)
+    values = t(0, 0, 0.5, 0.4, 0.3, 0).unsqueeze(0)
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.8)):
+        d2 = 1.0 - 0.3                          # last token: no next value
+        d1 = 0.2 + gamma * 0.3 - 0.4
+        d0 = 0.1 + gamma * 0.4 - 0.5
+        a2 = d2
+        a1 = d1 + gamma * lam * a2
+        a0 = d0 + gamma * lam * a1
+        adv, ret = rlhf.gae(rewards, values, mask, gamma, lam)
+        assert torch.allclose(adv, t(0, 0, a0, a1, a2, 0).unsqueeze(0))
+        assert torch.allclose(ret, (adv + values) * mask)
+
+
+def test_whitening_gives_mean_zero_std_one_on_the_mask_only():
+    x, mask = t(1, 2, 3, 100), t(1, 1, 1, 0)
+    w = rlhf.whiten(x, mask)
+    assert w[3] == 0 and abs(float(w[:3].mean())) < 1e-9
+    assert abs(float((w[:3] ** 2).mean()) - 1) < 1e-6
+
+
+def test_clipped_surrogate_gradient_is_zero_outside_the_clip_range():
+    old = torch.zeros(4, dtype=torch.float64)
+    logp = torch.log(t(1.5, 0.5, 1.5, 1.05)).requires_grad_()  # ratios 1.5, 0.5, 1.5, 1.05
+    adv = t(1.0, -1.0, -1.0, 1.0)
+    loss, clipped = rlhf.clipped_surrogate(logp, old, adv, 0.2)
+    loss.sum().backward()
+    # ratio 1.5 with A > 0 and ratio 0.5 with A < 0: past the clip on the side A pushes toward -> no gradient
+    assert logp.grad[0] == 0 and logp.grad[1] == 0
+    # ratio 1.5 with A < 0 (moving back is allowed) and 1.05 inside: gradient -A * ratio
+    assert torch.allclose(logp.grad[2:], t(1.5, -1.05))
+    assert clipped.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert torch.allclose(loss, t(-1.2, 0.8, 1.5, -1.05))
+
+
+def test_clipped_surrogate_at_ratio_one_is_the_policy_gradient():
+    logp = torch.log(t(0.3, 0.6)).requires_grad_()
+    adv = t(2.0, -1.0)
+    rlhf.clipped_surrogate(logp, logp.detach(), adv, 0.2)[0].sum().backward()
+    assert torch.allclose(logp.grad, -adv)  # d/dlogp of -A * exp(logp - old) at logp = old
+
+
+def test_clipped_value_loss_takes_the_larger_error():
+    v_old, ret = t(0.0, 0.0), t(1.0, 1.0)
+    loss = rlhf.clipped_value_loss(t(0.5, 2.0), v_old, ret, 0.2)
+    # row 0: (0.5-1)^2 = 0.25 vs clipped 0.2 -> (0.2-1)^2 = 0.64; row 1: (2-1)^2 = 1 vs (0.2-1)^2 = 0.64
+    assert torch.allclose(loss, t(0.32, 0.5))
+
+
+def test_k3_is_zero_at_the_reference_and_never_negative():
+    logp = torch.randn(1000, dtype=torch.float64)
+    assert torch.equal(rlhf.k3(logp, logp), torch.zeros_like(logp))
+    assert (rlhf.k3(logp, torch.randn(1000, dtype=torch.float64)) >= 0).all()
+    assert torch.allclose(rlhf.k3(t(0.0), t(math.log(2))), t(2 - math.log(2) - 1))
+
+
+def test_group_advantages_zero_for_a_uniform_group_and_sum_zero_per_group():
+    scores = t(1, 0, 0, 1, 1, 1, 1, 1).view(2, 4)
+    adv = rlhf.group_advantages(scores, 1e-4)
+    assert torch.equal(adv[1], torch.zeros(4, dtype=torch.float64))
+    assert torch.allclose(adv[0], t(0.5, -0.5, -0.5, 0.5) / (0.5 + 1e-4))
+    assert abs(float(adv.sum(dim=1)[0])) < 1e-9
+
+
+def test_adaptive_kl_controller_moves_beta_toward_the_target():
+    assert rlhf.adapt_kl(0.1, 2.0, 1.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # clipped at +0.2
+    assert rlhf.adapt_kl(0.1, 0.9, 1.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
+    assert rlhf.adapt_kl(0.1, 1.0, 1.0, 100, 1000) == pytest.approx(0.1)
+
+
+# --- models and rollouts ---
+
+def tiny(seed=0):
+    torch.manual_seed(seed)
+    return GPT(config_from_preset("tiny", vocab_size=64, block_size=32)).eval()
+
+
+def test_reward_head_reads_the_last_answer_token_whatever_the_padding():
+    rm = rlhf.scalar_head(tiny(), std=0.5)
+    rows = [[1, 2, 3, 4, 5], [6, 7, 8]]
+    ids, lengths = rlhf.pad_right(rows, 0)
+    scores = rlhf.last_token_scores(rm, ids, lengths)
+    alone = [rlhf.last_token_scores(rm, torch.tensor([r]), torch.tensor([len(r)])) for r in rows]
+    more_pad = torch.cat([ids, torch.full((2, 7), 63)], dim=1)
+    assert torch.allclose(scores, torch.cat(alone), atol=1e-6)
+    assert torch.allclose(rlhf.last_token_scores(rm, more_pad, lengths), scores, atol=1e-6)
+    assert rm(ids)[0].shape == (2, 5, 1)
+
+
+def test_the_kl_estimate_is_zero_when_the_policy_equals_the_reference():
+    model = tiny()
+    x = torch.randint(1, 64, (3, 10))
+    y = torch.where(torch.arange(10) >= 6, torch.randint(1, 64, (3, 10)), torch.full((3, 10), -1))
+    logp, _ = rlhf.token_stats(model, x, y, RT, 2)
+    ref, _ = rlhf.token_stats(copy.deepcopy(model), x, y, RT, 3)
+    assert torch.equal((rlhf.k3(logp, ref) * (y != -1)).sum(), torch.zeros(()))
+
+
+def test_shared_prefill_gives_the_same_samples_as_separate_prefills(sft_checkpoint):
+    model, tokenizer, _, _ = sft.load_base(sft_checkpoint["ckpt"])
+    examples = tasks.generate("reverse", 3, 0, "train", 1) + tasks.generate("copy", 2, 0, "train", 2)
+    cfg = rlhf.RLConfig(max_new_tokens=10, temperature=1.0)
+    shared = rlhf.sample(model.eval(), tokenizer, examples, RT, cfg, 4, 7, True)
+    separate = rlhf.sample(model, tokenizer, examples, RT, cfg, 4, 7, False)
+    assert shared == separate and len(shared) == 20
+    assert len({tuple(a) for a in shared[:4]}) > 1  # the copies of one prompt sample apart
+
+
+def test_rollout_batch_keeps_the_sampled_end_token_inside_the_mask():
+    ro = rlhf.Rollout([None] * 2, [[1, 2, 3], [4, 5]], [[7, 8, 9], [10]], ["", ""], [1.0, 0.0], [1.0, 0.0])
+    x, y, last = rlhf.rollout_batch(ro, 0)
+    assert y[0].tolist() == [-1, -1, 7, 8, 9]          # 9 is the sampled stop token: trained
+    assert y[1].tolist() == [-1, 10, -1, -1, -1]
+    assert last.tolist() == [4, 1] and x[0, 4] == 8
+
+
+def test_the_flawed_teacher_drops_the_carry_into_the_hundreds_only():
+    ex = tasks.generate("add", 400, 0, "train", 2)
+    carry = [e for e in ex if int(tasks.unspaced(e["answer"])) >= 100]
+    plain = [e for e in ex if int(tasks.unspaced(e["answer"])) < 100]
+    assert all(rlhf.flawed_answer(e, 1.0, random.Random(0)) == e["answer"] for e in plain)
+    wrong = [rlhf.flawed_answer(e, 1.0, random.Random(0)) for e in carry]
+    assert all(w == tasks.spaced(int(tasks.unspaced(e["answer"])) - 100) for w, e in zip(wrong, carry))
+    assert all(rlhf.flawed_answer(e, 0.0, random.Random(0)) == e["answer"] for e in carry)
+
+
+# --- runs from the session's SFT checkpoint ---
+
+def cfg_for(sft_checkpoint, tmp_path, **kw):
+    base = dict(init=sft_checkpoint["ckpt"], kinds=KINDS, difficulties=[1], device="cpu", eval_examples=20,
+                pass_k=4, pass_examples=8, max_new_tokens=12, log_every=100, out_dir=str(tmp_path / "run"))
+    return rlhf.derive(rlhf.RLConfig(**{**base, **kw}))
+
+
+def test_reward_model_ranks_held_out_pairs_above_chance_and_saves_a_checkpoint(sft_checkpoint, tmp_path):
+    cfg = cfg_for(sft_checkpoint, tmp_path, train_reward_model=True, max_steps=60, prompts_per_task=48, samples=6,
+                  eval_every=60)
+    s = rlhf.train_reward_model(cfg, RT)
+    assert s["held_out"]["accuracy"] > 0.6, s["held_out"]
+    assert s["stage"] == "reward_model" and os.path.exists(s["checkpoint"])
+    pytest.reward_model = s["checkpoint"]  # for the PPO test below
+    ckpt = train.load_checkpoint(s["checkpoint"])
+    assert ckpt["stage"] == "reward_model" and ckpt["model"]["lm_head.weight"].shape[0] == 1
+
+
+def test_a_short_grpo_run_raises_the_mean_reward(sft_checkpoint, tmp_path):
+    # an easy setting: one kind, a small pool of prompts seen again and again, a high learning rate
+    cfg = cfg_for(sft_checkpoint, tmp_path, algo="grpo", kinds=["sort"], pool_size=8, max_steps=16,
+                  prompts_per_step=8, lr=1e-3, eval_every=16)
+    s = rlhf.run_rl(cfg, RT)
+    records = train.read_metrics(cfg.out_dir)
+    first = sum(r["reward"] for r in records[:4]) / 4
+    last = sum(r["reward"] for r in records[-4:]) / 4
+    assert last > first, [r["reward"] for r in records]
+    assert records[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert all(0 <= r["zero_std_frac"] <= 1 for r in records)
+    assert s["stage"] == "rlhf" and os.path.exists(s["checkpoint"]) and os.path.exists(s["plot"])
+    assert set(s["pass_after"]) == {"pass@1", "pass@4"}
+    model, _, _, _ = sft.load_base(s["checkpoint"])  # a checkpoint the next stage can load
+    assert model.num_params() > 0
+
+
+def test_ppo_on_the_reward_model_logs_every_metric_and_best_of_n(sft_checkpoint, tmp_path):
+    path = getattr(pytest, "reward_model", None)
+    if path is None:
+        pytest.skip("needs the reward model of the test above")
+    cfg = cfg_for(sft_checkpoint, tmp_path, algo="ppo", reward="model", reward_model=path, max_steps=3,
+                  prompts_per_step=8, eval_every=3, kl_target=1.0, best_of_n=4)
+    s = rlhf.run_rl(cfg, RT)
+    rec = train.read_metrics(cfg.out_dir)[-1]
+    for k in ("reward", "true_acc", "kl", "entropy", "clip_frac", "value_loss", "explained_var", "answer_len"):
+        assert math.isfinite(rec[k]), k
+    assert s["best_of_n"]["n"] == 4 and 0 <= s["best_of_n"]["accuracy"] <= s["best_of_n"]["oracle"]
+    assert rec["kl_coef"] != 0.05  # the controller moved beta
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "rlhf.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_bad_input_is_one_line_and_exit_2(sft_checkpoint, tmp_path):
+    r = run_cli("--init", str(tmp_path / "nothing"), "--out-dir", str(tmp_path / "o"))
+    assert r.returncode == 2 and "python sft.py" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = run_cli("--init", sft_checkpoint["ckpt"], "--algo", "grpo", "--group-size", "1")
+    assert r.returncode == 2 and "--group-size 1" in r.stderr
+    r = run_cli("--init", sft_checkpoint["ckpt"], "--reward", "model", "--reward-model", sft_checkpoint["ckpt"],
+                "--kinds", *KINDS, "--difficulties", "1", "--out-dir", str(tmp_path / "o2"), "--device", "cpu")
+    assert r.returncode == 2 and "not a reward model" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o2" / "summary.json")
+    r = run_cli("--init", sft_checkpoint["ckpt"], "--kinds", *KINDS, "--difficulties", "1", "--max-new-tokens",
+                "100000", "--out-dir", str(tmp_path / "o3"), "--device", "cpu")
+    assert r.returncode == 2 and "does not fit the context" in r.stderr, r.stderr
+
+
+def test_an_exploding_kl_stops_with_exit_1_and_names_the_metric(sft_checkpoint, tmp_path):
+    cfg = cfg_for(sft_checkpoint, tmp_path, max_steps=6, prompts_per_step=8, lr=0.05, kl_max=1e-3, eval_every=50)
+    with pytest.raises(train.Diverged, match="KL to the reference"):
+        rlhf.run_rl(cfg, RT)
