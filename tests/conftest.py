@@ -60,5 +60,6 @@ def sft_checkpoint(pretrained, tmp_path_factory):
     summary = sft.main(sft.SFTConfig(init=pretrained["ckpt"], out_dir=out_dir, kinds=["copy", "reverse", "sort"],
                                      difficulties=[1], examples_per_task=400, eval_difficulties=[1], eval_examples=40,
                                      batch_size=8, max_steps=200, lr=3e-3, eval_every=200, save_every=200,
-                                     log_every=100, device="cpu", max_new_tokens=16))
+                                     log_every=100, device="cpu", max_new_tokens=16,
+                                     replay=0.0))  # all 8 rows conversations: the later stages need answers
     return {"ckpt": summary["checkpoint"], "summary": summary, "out_dir": out_dir}
