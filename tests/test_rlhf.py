@@ -181,12 +181,19 @@ def cfg_for(sft_checkpoint, tmp_path, **kw):
 
 
 def test_reward_model_ranks_held_out_pairs_above_chance_and_saves_a_checkpoint(sft_checkpoint, tmp_path):
-    cfg = cfg_for(sft_checkpoint, tmp_path, train_reward_model=True, max_steps=120, prompts_per_task=96, samples=6,
-                  eval_every=120, val_fraction=0.3)  # ~60 held-out pairs: a dozen made the bar a coin toss
+    # A preference the tiny model can learn and carry to new prompts: the right answer over a refusal of a harmless
+    # request. (On its own on-policy pairs, right vs wrong answers that differ in a letter, the tiny reward model
+    # lands at 0.49-0.58 held out depending on float noise: it memorises its few hundred pairs.)
+    import json
+    pairs = tmp_path / "pairs.jsonl"
+    with open(pairs, "w") as f:
+        for kind in ("copy", "reverse", "sort"):
+            for ex in tasks.generate(kind, 80, 0, "train", 1):
+                f.write(json.dumps({"prompt": ex["prompt"], "chosen": ex["answer"], "rejected": tasks.REFUSAL}) + "\n")
+    cfg = cfg_for(sft_checkpoint, tmp_path, train_reward_model=True, pairs=str(pairs), max_steps=60, eval_every=60,
+                  val_fraction=0.3)
     s = rlhf.train_reward_model(cfg, RT)
-    # above chance, no more: on this tiny model the reward model reaches 0.58 on 52 held-out pairs (deterministic
-    # on the CPU); it overfits its few hundred training pairs, which is the reward-modelling lesson at this size
-    assert s["held_out"]["accuracy"] > 0.5, s["held_out"]
+    assert s["held_out"]["accuracy"] > 0.9, s["held_out"]
     assert s["stage"] == "reward_model" and os.path.exists(s["checkpoint"])
     pytest.reward_model = s["checkpoint"]  # for the PPO test below
     ckpt = train.load_checkpoint(s["checkpoint"])
