@@ -689,7 +689,6 @@ def main(cfg):
         if replay is not None:
             micro = [with_replay(b, replay.next_batch()) for b in micro]
         micro = [train.to_device(b, rt) for b in micro]
-        tokens = sum(int((b[1] != -1).sum()) for b in micro)
         loss, grad_norm = train.train_step(wrapped, optimizer, micro, rt, cfg.grad_clip, loss_fn=sft_loss)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             raise train.Diverged(f"step {step + 1}: loss {loss}, grad norm {grad_norm}; stopped without updating")
@@ -697,6 +696,7 @@ def main(cfg):
         is_eval = done % cfg.eval_every == 0 or done == cfg.max_steps
         if done % cfg.log_every == 0 or is_eval or done == start_step + 1:
             rows = sum(b[0].numel() for b in micro) * rt.world_size
+            tokens = sum(int((b[1] != -1).sum()) for b in micro)  # read back only when logged: a device sync
             record = {"step": done, "loss": loss, "lr": lr, "grad_norm": grad_norm, "trained_tokens": tokens,
                       "tokens_per_sec": round(rows / dt)}
             line = f"step {done:>5}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {rows / dt:,.0f} tok/s"
