@@ -6,6 +6,7 @@
     python bench.py eval       # eval.py's memorisation index: build and query time
     python bench.py sft        # packed SFT tokens/s against pretraining, padding saved, batched generation
     python bench.py serve      # serve.py: streamed tokens/s against in-process generate, time to first token
+    python bench.py rl         # rlhf.py's rollouts: shared prefill and KV cache against a naive loop
 
 Figures go into BENCHMARKS.md with the device they were measured on.
 """
@@ -591,12 +592,106 @@ def bench_eval(args):
         print(f"| {n} | {build:.2f} s | {1000 * query:.0f} ms |", flush=True)
 
 
+def bench_rl(args):
+    """Rollout throughput of rlhf.py: sampled tokens/s of G answers per prompt, three ways, same prompts and seeds.
+
+    1. naive: one answer at a time, no KV cache (every new token reruns the whole sequence), a loop over
+       prompts and answers. Timed on the first --naive-prompts prompts only, it is that slow.
+    2. batched, separate prefills: the P x G rows in one left-padded batch with the KV cache; each row
+       prefills its own copy of the prompt.
+    3. batched, shared prefill (rlhf.py's default): GPT.generate(n=G) prefills each prompt once and copies its
+       KV cache to the G rows.
+    2 and 3 must give the same samples for the same seed; the shared one is checked against the separate one.
+
+        python bench.py rl                              # the newest out/rlhf, out/dpo or out/sft checkpoint
+        python bench.py rl --init out/sft --threads 1 --prompts 32 --group-size 8
+    """
+    import time
+    from dataclasses import replace
+
+    import torch
+
+    import rlhf
+    import sft
+    import tasks
+    import train
+
+    parser = argparse.ArgumentParser(prog="bench.py rl", description=bench_rl.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--init", default=None, help="checkpoint; default newest of out/rlhf, out/dpo, out/sft")
+    parser.add_argument("--prompts", type=int, default=32, help="prompts per rollout")
+    parser.add_argument("--group-size", type=int, default=8, help="answers per prompt G")
+    parser.add_argument("--new-tokens", type=int, default=24, help="longest answer")
+    parser.add_argument("--naive-prompts", type=int, default=4, help="prompts the naive loop is timed on")
+    parser.add_argument("--repeats", type=int, default=3, help="timed rollouts per way (after one untimed)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default cuda when available")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    opts = parser.parse_args(args)
+    rt = train.setup_runtime(opts.device, None, opts.threads)
+    gpu = rt.device_type == "cuda"
+    name = torch.cuda.get_device_name(rt.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+    init = opts.init or next((d for d in ("out/rlhf", "out/dpo", "out/sft") if train.list_checkpoints(d)), None)
+    if init is None:
+        sys.exit("error: no checkpoint in out/rlhf, out/dpo or out/sft; run python sft.py first or give --init")
+    model, tokenizer, _, _ = sft.load_base(init)
+    model.to(rt.device).eval()
+    print(f"device: {name}; torch {torch.__version__}; {init} ({model.num_params():,} parameters)")
+    kinds = [k for k in tasks.KINDS if k != "safety"]
+    examples = [e for i in range(opts.prompts) for e in tasks.generate(kinds[i % len(kinds)], 1, i, "train", 1)]
+    cfg = rlhf.RLConfig(max_new_tokens=opts.new_tokens, temperature=1.0)
+    G, end = opts.group_size, tokenizer.special_ids["<|end|>"]
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    def naive(exs, seed):
+        out = []
+        for e in exs:
+            prompt = sft.render_prompt(e["messages"][:-1], tokenizer)
+            for g in range(G):
+                with rt.autocast():
+                    out += model.generate([prompt], opts.new_tokens, temperature=1.0, stop_tokens=[end],
+                                          seed=seed + g, use_cache=False)
+        return out
+
+    ways = {"naive: one answer at a time, no KV cache": lambda seed: naive(examples[:opts.naive_prompts], seed),
+            "batched, KV cache, a prefill per answer": lambda seed: rlhf.sample(model, tokenizer, examples, rt, cfg,
+                                                                               G, seed, False),
+            "batched, KV cache, one shared prefill per prompt": lambda seed: rlhf.sample(model, tokenizer, examples,
+                                                                                        rt, cfg, G, seed, True)}
+    print(f"\n{len(examples)} prompts x G = {G} answers, up to {opts.new_tokens} new tokens, temperature 1")
+    print("| rollout | answers | sampled tokens/s | seconds per 1,000 answers | vs naive |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    rates, outs = {}, {}
+    for i, (way, run) in enumerate(ways.items()):
+        run(0)  # warm up
+        sync()
+        t0, tokens, answers = time.perf_counter(), 0, 0
+        for r in range(opts.repeats):
+            out = run(1 + r)
+            tokens, answers = tokens + sum(map(len, out)), answers + len(out)
+        sync()
+        dt = time.perf_counter() - t0
+        rates[way] = tokens / dt
+        outs[i] = out
+        print(f"| {way} | {answers // opts.repeats} | {rates[way]:,.0f} | {1000 * dt / answers:.2f} | "
+              f"{rates[way] / rates[next(iter(rates))]:.1f}x |")
+    print(f"\nshared prefill / separate prefills: {rates[list(ways)[2]] / rates[list(ways)[1]]:.2f}x; "
+          f"same samples: {outs[1] == outs[2]}")
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["data", "kernels", "train", "sft", "serve", "eval"])
+    # no -h here: `bench.py sft -h` is passed on, so each section prints its own options
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     add_help=False)
+    parser.add_argument("what", choices=["data", "kernels", "train", "sft", "serve", "eval", "rl"])
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        sys.exit(0 if argv else 2)
     args, rest = parser.parse_known_args(argv)
     {"data": bench_data, "kernels": bench_kernels, "train": bench_train, "sft": bench_sft,
-     "serve": bench_serve, "eval": bench_eval}[args.what](rest)
+     "serve": bench_serve, "eval": bench_eval, "rl": bench_rl}[args.what](rest)
 
 
 if __name__ == "__main__":

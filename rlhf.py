@@ -19,9 +19,9 @@ Run it (CPU: add --threads 1 on a shared 2-core machine):
     python rlhf.py --algo ppo                             # PPO with a value model, reward from tasks.score
     python rlhf.py --train-reward-model                   # a Bradley-Terry reward model into out/reward_model
     python rlhf.py --algo ppo --reward model              # PPO on the learned reward: watch it over-optimise
-    python rlhf.py --flawed-teacher                       # SFT on a teacher that drops a carry, then GRPO
+    python rlhf.py --flawed-teacher                       # SFT on a teacher that drops repeats, then GRPO
     python rlhf.py --compare                              # best-of-n, DPO, PPO (tasks, RM) and GRPO, one table
-    python rlhf.py --bench-prefill                        # G answers from one prefill against G prefills
+    python bench.py rl                                    # rollouts/s: shared prefill, KV cache, a naive loop
 
 Outputs in --out-dir: checkpoints (the policy, loadable by every later stage), metrics.jsonl (one record per
 step), rlhf.png (the metrics), summary.json ({"stage": "rlhf", ...}: held-out accuracy before and after).
@@ -127,18 +127,18 @@ class RLConfig:
     reward: str = "tasks"               # tasks (tasks.score: 1 right, 0 wrong) or model (the reward model)
     reward_model: str | None = None     # reward model checkpoint; None = newest in out/reward_model
     train_reward_model: bool = False    # train the reward model instead (into --out-dir, default out/reward_model)
-    flawed_teacher: bool = False        # the experiment: SFT on a flawed teacher's add/2, then GRPO, then compare
+    flawed_teacher: bool = False        # the experiment: SFT on a flawed teacher, then GRPO against more SFT
     compare: bool = False               # best-of-n, DPO, PPO (tasks), PPO (model) and GRPO from the same --init
-    bench_prefill: bool = False         # time G answers from one prefill against G separate prefills, and exit
     # tasks
     kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))  # task kinds to train and evaluate on
     difficulties: list[int] | None = None  # None = per kind, those whose greedy probe is in [probe_min, probe_max]
     probe_prompts: int = 32             # training prompts per kind and difficulty in that probe
     probe_min: float = 0.05             # below: too hard, every reward is 0 (no signal)
     probe_max: float = 0.8              # above: nearly solved, little to gain
+    max_sets: int | None = 3            # keep the sets where sampling beats greedy most (pass@k - greedy); None = all
     pool_size: int = 500                # training prompts per kind and difficulty to draw rollouts from
     # rollouts
-    prompts_per_step: int | None = None  # prompts per rollout; None = 8 (grpo), 32 (ppo)
+    prompts_per_step: int | None = None  # prompts per rollout; None = 32
     group_size: int = 8                 # grpo: answers per prompt G (ppo samples 1)
     temperature: float = 1.0            # sampling temperature of the rollouts
     max_new_tokens: int = 24            # answer length limit (an answer cut here has no <|end|>)
@@ -190,13 +190,17 @@ class RLConfig:
     save_every: int = 20                # steps between checkpoints (one is always saved at the end)
     keep_last: int = 2                  # checkpoints kept in out_dir
     out_dir: str | None = None          # run folder; None = out/rlhf (out/reward_model with --train-reward-model)
+    resume: str | None = None           # RL run: checkpoint path, or "auto" = newest in out_dir (same flags)
     # the flawed-teacher experiment
-    teacher_error: float = 0.6          # share of add/2 problems with a carry into the hundreds the teacher gets wrong
+    teacher_kind: str = "sort"          # sort (the teacher drops repeated letters) or add (it drops a carry)
+    teacher_difficulty: int = 3         # difficulty of the teacher's problems (sort/3: 7 letters, 59% with a repeat)
+    teacher_error: float = 0.6          # share of the problems it can get wrong that the teacher gets wrong
     teacher_steps: int = 300            # SFT steps on the teacher's answers
 
 
-CHOICES = {"algo": ("grpo", "ppo"), "reward": ("tasks", "model"), "overlong": ("drop", "truncate"),
-           "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16")}
+CHOICES = {"algo": ("grpo", "ppo"), "teacher_kind": ("sort", "add"), "reward": ("tasks", "model"),
+           "overlong": ("drop", "truncate"), "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"),
+           "dtype": ("float32", "bfloat16")}
 
 
 class RLError(train.TrainError):
@@ -569,15 +573,16 @@ def derive(cfg):
     return replace(cfg, out_dir=cfg.out_dir or ("out/reward_model" if rm else "out/rlhf"),
                    max_steps=cfg.max_steps or (300 if rm else 60),
                    lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 1e-4),
-                   prompts_per_step=cfg.prompts_per_step or (32 if ppo else 8),
+                   prompts_per_step=cfg.prompts_per_step or 32,
                    kl_coef=cfg.kl_coef if cfg.kl_coef is not None else (0.05 if ppo else 0.02),
                    epochs=cfg.epochs or (4 if ppo else 1), minibatches=cfg.minibatches or (4 if ppo else 1))
 
 
 def check(cfg):
-    for name in ("group_size", "eval_every", "log_every", "save_every", "keep_last", "batch_size", "micro_batch",
+    for name in ("group_size", "max_sets", "eval_every", "log_every", "save_every", "keep_last", "batch_size", "micro_batch",
                  "probe_prompts", "pool_size", "eval_examples", "best_of_n", "samples", "prompts_per_task",
-                 "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches", "teacher_steps"):
+                 "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches", "teacher_steps",
+                 "teacher_difficulty"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise RLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
@@ -586,6 +591,9 @@ def check(cfg):
         raise RLError(f"--kinds {' '.join(unknown)}: unknown; choose from {', '.join(tasks.KINDS)}")
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise RLError(f"--group-size {cfg.group_size}: GRPO needs at least 2 answers per prompt to compare")
+    if cfg.teacher_difficulty > tasks.MAX_DIFFICULTY[cfg.teacher_kind]:
+        raise RLError(f"--teacher-difficulty {cfg.teacher_difficulty}: {cfg.teacher_kind} goes up to "
+                      f"{tasks.MAX_DIFFICULTY[cfg.teacher_kind]}")
     if cfg.temperature <= 0:
         raise RLError(f"--temperature {cfg.temperature}: RL samples its answers; use a temperature above 0")
     if not (0 < cfg.clip < 1 and 0 <= cfg.lam <= 1 and 0 < cfg.gamma <= 1):
@@ -593,25 +601,37 @@ def check(cfg):
                       f"0 < gamma <= 1")
     if cfg.kl_target is not None and cfg.kl_target <= 0:
         raise RLError(f"--kl-target {cfg.kl_target}: a target KL must be above 0 (leave it out for a fixed beta)")
-    modes = [m for m in ("train_reward_model", "flawed_teacher", "compare", "bench_prefill") if getattr(cfg, m)]
+    modes = [m for m in ("train_reward_model", "flawed_teacher", "compare") if getattr(cfg, m)]
     if len(modes) > 1:
         raise RLError(f"{' and '.join('--' + m.replace('_', '-') for m in modes)}: choose one")
 
 
 def choose_sets(model, tokenizer, cfg, base_config, rt):
     """The (kind, difficulty) pairs to train on: --difficulties, or those whose greedy probe on training prompts
-    lies in [probe_min, probe_max] (RL only sharpens what the model can already sample). Returns the held-out
+    lies in [probe_min, probe_max], and of those the max_sets where sampling finds the most right answers that
+    greedy decoding misses (pass@k - greedy on the probe prompts): RL turns what the model can sample into what it
+    answers, so that gap is what it can win, and a few sets at a time learn faster than many. Returns the held-out
     sets (the same test prompts before and after), the training pool, and the probe."""
     probe = None
     if cfg.difficulties:
         keys = [(k, d) for k in cfg.kinds for d in cfg.difficulties if d <= tasks.MAX_DIFFICULTY[k]]
     else:
         candidates = base_config.get("difficulties") or [1, 2]
-        _, probe = dpo.choose_difficulties(model, tokenizer, cfg, candidates, rt)
-        keys = [key for key, a in sorted(probe.items()) if cfg.probe_min <= a <= cfg.probe_max]
+        _, greedy = dpo.choose_difficulties(model, tokenizer, cfg, candidates, rt)
+        keys = [key for key, a in sorted(greedy.items()) if cfg.probe_min <= a <= cfg.probe_max]
         if not keys:
             raise RLError(f"no kind and difficulty has a greedy accuracy in [{cfg.probe_min}, {cfg.probe_max}] "
-                          f"({dpo.keyed(probe)}); give --difficulties or widen --probe-min/--probe-max")
+                          f"({dpo.keyed(greedy)}); give --difficulties or widen --probe-min/--probe-max")
+        probe = {key: {"greedy": a} for key, a in greedy.items()}
+        if cfg.max_sets and len(keys) > cfg.max_sets:
+            for k, d in keys:  # the same probe prompts as the greedy probe, group_size samples each
+                exs = tasks.generate(k, cfg.probe_prompts, cfg.seed + 1, "train", d)
+                answers = dpo.sample_answers(model, tokenizer, [e["messages"][:-1] for e in exs], rt,
+                                             cfg.group_size, cfg.temperature, cfg.max_new_tokens, cfg.seed + 3)
+                probe[(k, d)]["pass@k"] = float(np.mean([any(tasks.score(k, e["prompt"], a) for a in ans)
+                                                         for e, ans in zip(exs, answers)]))
+            gap = {key: probe[key]["pass@k"] - probe[key]["greedy"] for key in keys}
+            keys = sorted(sorted(keys, key=lambda key: -gap[key])[:cfg.max_sets])
     sets = {(k, d): tasks.generate(k, cfg.eval_examples, 0, "test", d) for k, d in keys}
     pool = [e for k, d in keys for e in tasks.generate(k, cfg.pool_size, cfg.seed, "train", d)]
     return sets, pool, probe
@@ -748,8 +768,8 @@ def train_reward_model(cfg, rt):
                "held_out_before": before, "held_out": held, "train_metrics": records_out[-1], "peak_memory_mb":
                peak_mb(rt)}
     sft.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
-    train.print0(f"held-out pair accuracy {before.get('accuracy', math.nan):.3f} -> {held.get('accuracy', math.nan):.3f}"
-                 f", margin {held.get('margin', math.nan):+.3f}; wrote {path}")
+    train.print0(f"held-out pair accuracy {before.get('accuracy', math.nan):.3f} -> "
+                 f"{held.get('accuracy', math.nan):.3f}, margin {held.get('margin', math.nan):+.3f}; wrote {path}")
     return summary
 
 
@@ -771,18 +791,30 @@ def run_rl(cfg, rt):
         except sft.SFTError as e:
             raise RLError(str(e)) from None
         rm, _ = load_reward_model(rm_path, tokenizer, init, base_ckpt, rt)
-    sets, pool, probe = choose_sets(policy, tokenizer, cfg, base_ckpt.get("config", {}), rt)
+    sets, pool, probe = choose_sets(policy, tokenizer, cfg, base_ckpt.get("config", {}), rt)  # from the start model
     check_lengths(pool + [e for exs in sets.values() for e in exs], tokenizer, policy.config.block_size,
                   cfg.max_new_tokens)
-    fresh_run_dir(cfg.out_dir)
+    resume = cfg.resume
+    if resume == "auto":
+        found = train.list_checkpoints(cfg.out_dir)
+        resume = found[-1] if found else None
+    if not resume:
+        fresh_run_dir(cfg.out_dir)
     train.print0(f"device {rt.device}; {cfg.algo} on {init} ({policy.num_params():,} parameters), reward "
                  f"{cfg.reward if cfg.reward == 'tasks' else rm_path}, sets {sorted(dpo.keyed(sets))}")
     t_start = time.time()
 
     # --- before: the same held-out prompts, greedy and sampled ---
-    greedy_before = accuracy(policy, tokenizer, sets, rt, cfg)
-    pass_before = pass_at_k(policy, tokenizer, sets, rt, cfg, cfg.pass_k) if cfg.pass_k else {}
-    bon = best_of_n(policy, rm, tokenizer, sets, rt, cfg) if rm is not None else None
+    if resume:
+        state = train.load_checkpoint(resume)
+        if state.get("stage") != "rlhf" or state.get("base") != init or state.get("algo") != cfg.algo:
+            raise RLError(f"cannot resume {resume}: it ran {state.get('algo')} on {state.get('base')}, this run "
+                          f"{cfg.algo} on {init}; pass the same flags or a new --out-dir")
+        greedy_before, pass_before, bon = dpo.unkeyed(state["before"]), state["pass_before"], state["best_of_n"]
+    else:
+        greedy_before = accuracy(policy, tokenizer, sets, rt, cfg)
+        pass_before = pass_at_k(policy, tokenizer, sets, rt, cfg, cfg.pass_k) if cfg.pass_k else {}
+        bon = best_of_n(policy, rm, tokenizer, sets, rt, cfg) if rm is not None else None
     train.print0(f"before: held-out greedy accuracy {mean(greedy_before):.3f} {pass_before}"
                  + (f"; best-of-{cfg.best_of_n} with the reward model {bon['accuracy']:.3f}" if bon else ""))
 
@@ -792,21 +824,35 @@ def run_rl(cfg, rt):
     module = ActorCritic(policy, value) if value is not None else policy
     optimizer = train.build_optimizer(module, cfg.lr, 0.0, (cfg.beta1, cfg.beta2), rt.device)
     extra = dict(stage="rlhf", base=init, lora=None, tokenizer_hash=tokenizer.hash, tokenizer_dir=data_dir,
-                 algo=cfg.algo, sft=base_ckpt.get("base") if base_ckpt.get("stage") == "dpo" else init)
+                 algo=cfg.algo, sft=base_ckpt.get("base") if base_ckpt.get("stage") == "dpo" else init,
+                 before=dpo.keyed(greedy_before), pass_before=pass_before, best_of_n=bon)
 
     # --- loop ---
-    rng, records, last_good = random.Random(cfg.seed), [], None
+    # Every step draws its prompts and samples from seeds made of (seed, step), so a resumed run repeats exactly
+    # what an uninterrupted one would have done: the checkpoint holds the models, the optimizer, beta and the totals.
+    records, last_good, start = [], None, 0
     totals = {"tokens_sampled": 0, "tokens_trained": 0, "answers": 0}
-    n = cfg.group_size if cfg.algo == "grpo" else 1
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
-    open(metrics_path, "w").close()
+    if resume:
+        policy.load_state_dict(state["model"])
+        if value is not None:
+            value.load_state_dict(state["value_model"])
+        optimizer.load_state_dict(state["optimizer"])
+        train.set_rng_states(state["rng"])
+        start, totals, last_good = state["step"], state["totals"], resume
+        cfg = replace(cfg, kl_coef=state["kl_coef"])
+        records = [r for r in train.read_metrics(cfg.out_dir) if r["step"] <= start]
+        train.print0(f"resumed from {resume} at step {start}")
+    with open(metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    n = cfg.group_size if cfg.algo == "grpo" else 1
     greedy_after = greedy_before
-    for step in range(cfg.max_steps):
+    for step in range(start, cfg.max_steps):
         t0 = time.time()
         lr = train.lr_at(step, cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        examples = rng.sample(pool, min(cfg.prompts_per_step, len(pool)))
+        examples = random.Random(f"{cfg.seed}/{step}").sample(pool, min(cfg.prompts_per_step, len(pool)))
         ro = rollout(policy, tokenizer, examples, rt, cfg, n, cfg.seed + 1000 * step,
                      rm if cfg.reward == "model" else None)
         t_sample = time.time() - t0
@@ -842,9 +888,12 @@ def run_rl(cfg, rt):
             f.write(json.dumps(record) + "\n")
         if done % cfg.save_every == 0 or done == cfg.max_steps:
             last_good = train.save_checkpoint(cfg.out_dir, done, policy, optimizer, cfg, {}, cfg.keep_last, **extra,
-                                              value_model=value.state_dict() if value is not None else None)
+                                              value_model=value.state_dict() if value is not None else None,
+                                              kl_coef=cfg.kl_coef, totals=totals)
 
     # --- after ---
+    if start >= cfg.max_steps:  # resumed at the end: nothing ran here
+        greedy_after = accuracy(policy, tokenizer, sets, rt, cfg)
     pass_after = pass_at_k(policy, tokenizer, sets, rt, cfg, cfg.pass_k) if cfg.pass_k else {}
     sft.print_table(greedy_before, greedy_after)
     title = f"{cfg.algo}, reward {cfg.reward}" + (" (proxy: the reward model; true accuracy by tasks.score)"
@@ -866,59 +915,57 @@ def run_rl(cfg, rt):
 
 
 # --- main: the flawed teacher (where RL adds what imitation cannot) ---
-# The teacher answers two-digit additions, but when the sum carries into the hundreds it drops that carry most of
-# the time (57 + 68 -> "2 5"). On those problems the wrong answer is the teacher's mode, so SFT learns it and more
-# SFT keeps it; tasks.score knows better, so GRPO, which only needs the model to sample the right answer sometimes,
-# can move past the teacher.
-
-def flawed_answer(example, error, rng):
-    """The flawed teacher's answer to an add problem: right, except that a carry into the hundreds is dropped
-    with probability `error`."""
-    f = tasks.parse_prompt("add", example["prompt"])
-    a, b = int(tasks.unspaced(f["a"])), int(tasks.unspaced(f["b"]))
-    total = a + b
-    if a % 100 + b % 100 >= 100 and rng.random() < error:
-        total -= 100
-    return tasks.spaced(total)
-
+# The teacher (tasks.flawed_answer) sorts letters with a set: where a letter repeats it writes it once, most of the
+# time ("b a b" -> "a b"). On those problems the wrong answer is the teacher's mode, so SFT learns it and more SFT
+# keeps it; tasks.score knows better, so GRPO, which only needs the model to sample the right answer sometimes, can
+# move past the teacher. --teacher-kind add gives the carry-dropping teacher of addition instead.
 
 def flawed_teacher(cfg, rt):
-    """SFT on the teacher, then GRPO with the verifier against the same time of more SFT; the table."""
-    init, out = find_init(cfg.init), cfg.out_dir
+    """SFT on the flawed teacher, then GRPO with the verifier against the same time of more SFT; the table."""
+    init, out, kind, d = find_init(cfg.init), cfg.out_dir, cfg.teacher_kind, cfg.teacher_difficulty
     os.makedirs(out, exist_ok=True)
     rng = random.Random(cfg.seed)
-    examples = tasks.generate("add", 4000, cfg.seed, "train", 2)
+    examples = tasks.generate(kind, 4000, cfg.seed, "train", d)
+    answers = [tasks.flawed_answer(e, cfg.teacher_error, rng) for e in examples]
     path = os.path.join(out, "flawed_teacher.jsonl")
-    tasks.write_jsonl(path, ({"messages": [e["messages"][0], {"role": "assistant", "content":
-                                                              flawed_answer(e, cfg.teacher_error, rng)}]}
-                             for e in examples))
-    wrong = np.mean([flawed_answer(e, cfg.teacher_error, random.Random(i)) != e["answer"]
-                     for i, e in enumerate(examples)])
-    train.print0(f"flawed teacher: {len(examples)} add/2 answers in {path}, {wrong:.2f} of them wrong")
-    sft_cfg = sft.SFTConfig(init=init, data_dir=cfg.data_dir, data=[path], tasks=False, kinds=["add"],
-                            eval_difficulties=[2], eval_examples=cfg.eval_examples, max_steps=cfg.teacher_steps,
+    tasks.write_jsonl(path, ({"messages": [e["messages"][0], {"role": "assistant", "content": a}]}
+                             for e, a in zip(examples, answers)))
+    wrong = float(np.mean([a != e["answer"] for e, a in zip(examples, answers)]))
+    train.print0(f"flawed teacher: {len(examples)} {kind}/{d} answers in {path}, {wrong:.2f} of them wrong")
+    sft_cfg = sft.SFTConfig(init=init, data_dir=cfg.data_dir, data=[path], tasks=False, kinds=[kind],
+                            eval_difficulties=[d], eval_examples=cfg.eval_examples, max_steps=cfg.teacher_steps,
                             eval_every=cfg.teacher_steps, save_every=cfg.teacher_steps, log_every=50,
                             max_new_tokens=cfg.max_new_tokens, device=cfg.device, threads=cfg.threads,
                             seed=cfg.seed, out_dir=os.path.join(out, "sft"))
     taught = sft.main(sft_cfg)
-    rl = run_rl(derive(replace(cfg, flawed_teacher=False, init=taught["checkpoint"], kinds=["add"],
-                               difficulties=[2], algo="grpo", reward="tasks", out_dir=os.path.join(out, "grpo"))),
+    rl = run_rl(derive(replace(cfg, flawed_teacher=False, init=taught["checkpoint"], kinds=[kind],
+                               difficulties=[d], algo="grpo", reward="tasks", out_dir=os.path.join(out, "grpo"))),
                 rt)
     per_step = taught["seconds"] / cfg.teacher_steps
     more_steps = max(1, round(rl["seconds"] / per_step))
     more = sft.main(replace(sft_cfg, init=taught["checkpoint"], max_steps=more_steps, eval_every=more_steps,
                             save_every=more_steps, warmup_steps=0, out_dir=os.path.join(out, "sft_more")))
-    rows = [("SFT on the flawed teacher", taught["after_by_difficulty"]["add/2"], taught["seconds"]),
-            (f"+ {more_steps} more SFT steps (same time as GRPO)", more["after_by_difficulty"]["add/2"],
-             more["seconds"]),
-            (f"+ GRPO, {cfg.max_steps or 60} steps, reward tasks.score", rl["greedy_after"], rl["seconds"])]
-    train.print0(f"\n| add/2, held-out greedy accuracy | accuracy | seconds |\n| --- | ---: | ---: |")
-    for name, acc, sec in rows:
-        train.print0(f"| {name} | {acc:.3f} | {sec:.0f} |")
-    result = {"stage": "rlhf", "experiment": "flawed_teacher", "base": init, "teacher_error": cfg.teacher_error,
-              "teacher_wrong_share": float(wrong), "rows": [{"method": r, "accuracy": a, "seconds": s}
-                                                            for r, a, s in rows],
-              "grpo_pass": {"before": rl["pass_before"], "after": rl["pass_after"]},
+    # held-out greedy accuracy, also on the sub-population where the teacher errs (its mode is wrong there)
+    test = tasks.generate(kind, 4 * cfg.eval_examples, 0, "test", d)
+    sets = {"all": test, "teacher wrong": [e for e in test if tasks.teacher_mistake(kind, e["prompt"])],
+            "teacher right": [e for e in test if not tasks.teacher_mistake(kind, e["prompt"])]}
+    _, tokenizer, _, _ = sft.load_base(taught["checkpoint"], cfg.data_dir)
+    rows = []
+    for name, summary in ((f"SFT on the flawed teacher ({cfg.teacher_steps} steps)", taught),
+                          (f"+ {more_steps} more SFT steps (the time GRPO took)", more),
+                          (f"+ GRPO, {rl['steps']} steps, reward tasks.score", rl)):
+        model = sft.load_base(summary["checkpoint"], cfg.data_dir)[0].to(rt.device).eval()
+        acc = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        rows.append({"method": name, **{k: round(a, 3) for k, a in acc.items()}, "seconds": summary["seconds"]})
+    train.print0(f"\n| {kind}/{d}, held-out greedy accuracy ({len(test)} problems; the teacher is wrong on "
+                 f"{len(sets['teacher wrong'])} of them) | all | teacher wrong | teacher right | seconds |\n"
+                 "| --- | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        train.print0(f"| {r['method']} | {r['all']:.3f} | {r['teacher wrong']:.3f} | {r['teacher right']:.3f} | "
+                     f"{r['seconds']:.0f} |")
+    result = {"stage": "rlhf", "experiment": "flawed_teacher", "base": init, "kind": kind, "difficulty": d,
+              "teacher_error": cfg.teacher_error, "teacher_wrong_share": wrong, "test_problems": len(test),
+              "rows": rows, "grpo_pass": {"before": rl["pass_before"], "after": rl["pass_after"]},
               "grpo_zero_std_frac_last": rl["train_metrics"].get("zero_std_frac")}
     sft.write_json(os.path.join(out, "flawed_teacher.json"), result)
     return result
@@ -964,35 +1011,6 @@ def compare(raw, rt):
     return result
 
 
-def bench_prefill(cfg, rt, repeats=3):
-    """Time G answers per prompt from one shared prefill against prefilling each answer; check they are equal."""
-    init = find_init(cfg.init)
-    model, tokenizer, _, ckpt = sft.load_base(init, cfg.data_dir)
-    model.to(rt.device).eval()
-    kinds = [k for k in cfg.kinds if k != "safety"]
-    examples = [e for k in kinds for e in tasks.generate(k, 4, cfg.seed, "train", 1)][:cfg.prompts_per_step]
-    result = {"prompts": len(examples), "G": cfg.group_size}
-    outs = {}
-    for shared in (True, False):
-        sample(model, tokenizer, examples, rt, cfg, cfg.group_size, cfg.seed, shared)  # warm up
-        for name, new in (("rollout", cfg.max_new_tokens), ("prefill", 1)):
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                out = sample(model, tokenizer, examples, rt, replace(cfg, max_new_tokens=new), cfg.group_size,
-                             cfg.seed, shared)
-            if rt.device_type == "cuda":
-                torch.cuda.synchronize()
-            dt = (time.perf_counter() - t0) / repeats
-            result[f"{'shared' if shared else 'separate'}_{name}_s"] = round(dt, 4)
-            if name == "rollout":
-                outs[shared] = out
-                result[f"{'shared' if shared else 'separate'}_tokens_per_s"] = round(sum(map(len, out)) / dt, 1)
-    result["same_samples"] = outs[True] == outs[False]
-    result["speedup"] = round(result["separate_rollout_s"] / result["shared_rollout_s"], 2)
-    train.print0(json.dumps(result))
-    return result
-
-
 def main(cfg):
     """Run the mode cfg names; returns its summary."""
     rt = train.setup_runtime(cfg.device, cfg.dtype, cfg.threads)
@@ -1003,8 +1021,6 @@ def main(cfg):
     check(cfg)
     if cfg.train_reward_model:
         return train_reward_model(cfg, rt)
-    if cfg.bench_prefill:
-        return bench_prefill(cfg, rt)
     if cfg.flawed_teacher:
         return flawed_teacher(cfg, rt)
     return run_rl(cfg, rt)

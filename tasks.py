@@ -476,6 +476,31 @@ def is_harmful(prompt):
         return False
 
 
+# --- flawed teachers: answers wrong on a sub-population, for rlhf.py's experiment ---
+# A teacher that is right on most problems but makes one systematic mistake on a sub-population: SFT imitates it
+# (the wrong answer is the teacher's mode there), while score() still knows the right answer. rlhf.py
+# --flawed-teacher shows what RL with a verifier adds over imitation on such data.
+#   sort: the teacher sorts with a set, so a repeated letter comes out once ("b a b" -> "a b", not "a b b")
+#   add:  the teacher drops a carry into the hundreds ("5 7 + 6 8" -> "2 5", not "1 2 5")
+
+def teacher_mistake(kind, prompt):
+    """The flawed teacher's wrong answer to the prompt, or None where the teacher is right."""
+    if kind not in ("sort", "add"):
+        raise TaskError(f"no flawed teacher for kind {kind!r}; choose sort or add")
+    f = parse_prompt(kind, prompt)
+    if kind == "sort":
+        letters = unspaced(f["word"])
+        return spaced("".join(sorted(set(letters)))) if len(set(letters)) < len(letters) else None
+    a, b = int(unspaced(f["a"])), int(unspaced(f["b"]))
+    return spaced(a + b - 100) if a % 100 + b % 100 >= 100 else None
+
+
+def flawed_answer(example, error, rng):
+    """The flawed teacher's answer: its mistake with probability `error` where it has one, else the right answer."""
+    wrong = teacher_mistake(example["kind"], example["prompt"])
+    return wrong if wrong is not None and rng.random() < error else example["answer"]
+
+
 # --- instruction files: chat JSONL, Alpaca, ShareGPT ---
 # Every line becomes one conversation, a list of {"role", "content"} messages, whatever its format:
 #   chat      {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}

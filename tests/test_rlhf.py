@@ -166,10 +166,28 @@ def test_the_flawed_teacher_drops_the_carry_into_the_hundreds_only():
     ex = tasks.generate("add", 400, 0, "train", 2)
     carry = [e for e in ex if int(tasks.unspaced(e["answer"])) >= 100]
     plain = [e for e in ex if int(tasks.unspaced(e["answer"])) < 100]
-    assert all(rlhf.flawed_answer(e, 1.0, random.Random(0)) == e["answer"] for e in plain)
-    wrong = [rlhf.flawed_answer(e, 1.0, random.Random(0)) for e in carry]
+    assert carry and plain
+    assert all(tasks.flawed_answer(e, 1.0, random.Random(0)) == e["answer"] for e in plain)
+    wrong = [tasks.flawed_answer(e, 1.0, random.Random(0)) for e in carry]
     assert all(w == tasks.spaced(int(tasks.unspaced(e["answer"])) - 100) for w, e in zip(wrong, carry))
-    assert all(rlhf.flawed_answer(e, 0.0, random.Random(0)) == e["answer"] for e in carry)
+    assert all(not tasks.score("add", e["prompt"], w) for w, e in zip(wrong, carry))
+    assert all(tasks.flawed_answer(e, 0.0, random.Random(0)) == e["answer"] for e in carry)
+
+
+def test_the_flawed_sorting_teacher_writes_a_repeated_letter_once_at_the_error_rate():
+    ex = tasks.generate("sort", 2000, 0, "train", 3)
+    repeats = [e for e in ex if len(set(tasks.unspaced(e["answer"]))) < len(tasks.unspaced(e["answer"]))]
+    distinct = [e for e in ex if e not in repeats]
+    assert 0.45 < len(repeats) / len(ex) < 0.7  # 7 letters of 26: 59% hold a repeat
+    assert all(tasks.flawed_answer(e, 1.0, random.Random(0)) == e["answer"] for e in distinct)
+    for e in repeats[:50]:
+        w = tasks.flawed_answer(e, 1.0, random.Random(0))
+        assert w.split() == sorted(set(e["answer"].split())) and not tasks.score("sort", e["prompt"], w)
+    rng = random.Random(1)
+    share = sum(tasks.flawed_answer(e, 0.6, rng) != e["answer"] for e in repeats) / len(repeats)
+    assert 0.55 < share < 0.65
+    with pytest.raises(tasks.TaskError, match="no flawed teacher for kind 'copy'"):
+        tasks.teacher_mistake("copy", ex[0]["prompt"].replace("Sort the letters", "Copy this"))
 
 
 # --- runs from the session's SFT checkpoint ---
@@ -254,3 +272,28 @@ def test_an_exploding_kl_stops_with_exit_1_and_names_the_metric(sft_checkpoint, 
     cfg = cfg_for(sft_checkpoint, tmp_path, max_steps=6, prompts_per_step=8, lr=0.05, kl_max=1e-3, eval_every=50)
     with pytest.raises(train.Diverged, match="KL to the reference"):
         rlhf.run_rl(cfg, RT)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(sft_checkpoint, tmp_path, algo):
+    import shutil
+    cfg = cfg_for(sft_checkpoint, tmp_path, algo=algo, max_steps=4, save_every=2, eval_every=2, prompts_per_step=4,
+                  group_size=4, pass_k=0, lr=3e-4, kl_target=1.0 if algo == "ppo" else None)
+    whole = rlhf.run_rl(cfg, RT)
+    cut = str(tmp_path / "cut")
+    shutil.copytree(cfg.out_dir, cut)
+    for name in ("ckpt_000004.pt", "summary.json"):  # as if the run had stopped after step 2
+        os.remove(os.path.join(cut, name))
+    resumed = rlhf.run_rl(replace(cfg, out_dir=cut, resume="auto"), RT)
+    a, b = train.load_checkpoint(whole["checkpoint"]), train.load_checkpoint(resumed["checkpoint"])
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    if algo == "ppo":
+        assert all(torch.equal(a["value_model"][k], b["value_model"][k]) for k in a["value_model"])
+        assert a["kl_coef"] == b["kl_coef"] != 0.05
+    timing = ("seconds", "sample_seconds")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]  # noqa: E731
+    assert strip(train.read_metrics(cut)) == strip(train.read_metrics(cfg.out_dir))
+    assert resumed["greedy_before"] == whole["greedy_before"] and resumed["greedy_after"] == whole["greedy_after"]
+    assert resumed["compute"] == whole["compute"]
+    with pytest.raises(rlhf.RLError, match="cannot resume"):
+        rlhf.run_rl(replace(cfg, out_dir=cut, resume="auto", algo="ppo" if algo == "grpo" else "grpo"), RT)
