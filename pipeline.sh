@@ -18,7 +18,7 @@ done_ pretrain || python train.py --out-dir "$OUT/pretrain"                     
 done_ sft      || python sft.py --init "$OUT/pretrain" --out-dir "$OUT/sft"             # supervised fine-tuning
 done_ dpo      || python dpo.py --init "$OUT/sft" --out-dir "$OUT/dpo"                  # preference pairs, offline
 if [ -f rlhf.py ]; then
-    done_ rlhf || python rlhf.py --init "$OUT/dpo" --out-dir "$OUT/rlhf"                # RL with a verifier
+    done_ rlhf || python rlhf.py --init "$OUT/dpo/best" --out-dir "$OUT/rlhf"           # RL with a verifier
 fi
 for stage in pretrain sft dpo rlhf; do
     if done_ "$stage" && [ ! -f "$OUT/$stage/eval.json" ]; then

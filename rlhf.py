@@ -168,7 +168,7 @@ class RLConfig:
     batch_size: int = 16                # reward model: pairs per step
     micro_batch: int = 64               # rows per forward in the RL updates (gradient accumulation beyond it)
     max_steps: int | None = None        # optimizer steps (reward model) or rollouts (RL); None = 300 / 60
-    lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 1e-4 (grpo)
+    lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 3e-5 (grpo)
     min_lr_frac: float = 1.0            # final learning rate as a fraction of --lr (1 = constant)
     warmup_steps: int = 0               # linear warmup steps
     schedule: str = "constant"          # cosine, wsd or constant (train.lr_at)
@@ -572,7 +572,7 @@ def derive(cfg):
     ppo, rm = cfg.algo == "ppo", cfg.train_reward_model
     return replace(cfg, out_dir=cfg.out_dir or ("out/reward_model" if rm else "out/rlhf"),
                    max_steps=cfg.max_steps or (300 if rm else 60),
-                   lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 1e-4),
+                   lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 3e-5),
                    prompts_per_step=cfg.prompts_per_step or 32,
                    kl_coef=cfg.kl_coef if cfg.kl_coef is not None else (0.05 if ppo else 0.02),
                    epochs=cfg.epochs or (4 if ppo else 1), minibatches=cfg.minibatches or (4 if ppo else 1))
@@ -922,7 +922,7 @@ def run_rl(cfg, rt):
 
 def flawed_teacher(cfg, rt):
     """SFT on the flawed teacher, then GRPO with the verifier against the same time of more SFT; the table."""
-    init, out, kind, d = find_init(cfg.init), cfg.out_dir, cfg.teacher_kind, cfg.teacher_difficulty
+    init, out, kind, d = find_init(cfg.init), derive(cfg).out_dir, cfg.teacher_kind, cfg.teacher_difficulty
     os.makedirs(out, exist_ok=True)
     rng = random.Random(cfg.seed)
     examples = tasks.generate(kind, 4000, cfg.seed, "train", d)
@@ -938,17 +938,18 @@ def flawed_teacher(cfg, rt):
                             max_new_tokens=cfg.max_new_tokens, device=cfg.device, threads=cfg.threads,
                             seed=cfg.seed, out_dir=os.path.join(out, "sft"))
     taught = sft.main(sft_cfg)
-    rl = run_rl(derive(replace(cfg, flawed_teacher=False, init=taught["checkpoint"], kinds=[kind],
-                               difficulties=[d], algo="grpo", reward="tasks", out_dir=os.path.join(out, "grpo"))),
-                rt)
+    rl = run_rl(derive(replace(cfg, flawed_teacher=False, init=taught["checkpoint"], kinds=[kind], difficulties=[d],
+                               algo="grpo", reward="tasks", out_dir=os.path.join(out, "grpo"),
+                               lr=cfg.lr or 1e-4, max_steps=cfg.max_steps or 120)), rt)
     per_step = taught["seconds"] / cfg.teacher_steps
     more_steps = max(1, round(rl["seconds"] / per_step))
     more = sft.main(replace(sft_cfg, init=taught["checkpoint"], max_steps=more_steps, eval_every=more_steps,
                             save_every=more_steps, warmup_steps=0, out_dir=os.path.join(out, "sft_more")))
     # held-out greedy accuracy, also on the sub-population where the teacher errs (its mode is wrong there)
     test = tasks.generate(kind, 4 * cfg.eval_examples, 0, "test", d)
-    sets = {"all": test, "teacher wrong": [e for e in test if tasks.teacher_mistake(kind, e["prompt"])],
-            "teacher right": [e for e in test if not tasks.teacher_mistake(kind, e["prompt"])]}
+    spot = {"sort": "a repeated letter", "add": "a carry into the hundreds"}[kind]  # where the teacher can err
+    sets = {"all": test, "weak spot": [e for e in test if tasks.teacher_mistake(kind, e["prompt"])],
+            "elsewhere": [e for e in test if not tasks.teacher_mistake(kind, e["prompt"])]}
     _, tokenizer, _, _ = sft.load_base(taught["checkpoint"], cfg.data_dir)
     rows = []
     for name, summary in ((f"SFT on the flawed teacher ({cfg.teacher_steps} steps)", taught),
@@ -957,11 +958,11 @@ def flawed_teacher(cfg, rt):
         model = sft.load_base(summary["checkpoint"], cfg.data_dir)[0].to(rt.device).eval()
         acc = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
         rows.append({"method": name, **{k: round(a, 3) for k, a in acc.items()}, "seconds": summary["seconds"]})
-    train.print0(f"\n| {kind}/{d}, held-out greedy accuracy ({len(test)} problems; the teacher is wrong on "
-                 f"{len(sets['teacher wrong'])} of them) | all | teacher wrong | teacher right | seconds |\n"
-                 "| --- | ---: | ---: | ---: | ---: |")
+    train.print0(f"\n{kind}/{d}, held-out greedy accuracy on {len(test)} problems; {len(sets['weak spot'])} of them "
+                 f"have {spot}, where the teacher errs {cfg.teacher_error:.0%} of the time\n"
+                 f"| method | all | with {spot} | the rest | seconds |\n| --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        train.print0(f"| {r['method']} | {r['all']:.3f} | {r['teacher wrong']:.3f} | {r['teacher right']:.3f} | "
+        train.print0(f"| {r['method']} | {r['all']:.3f} | {r['weak spot']:.3f} | {r['elsewhere']:.3f} | "
                      f"{r['seconds']:.0f} |")
     result = {"stage": "rlhf", "experiment": "flawed_teacher", "base": init, "kind": kind, "difficulty": d,
               "teacher_error": cfg.teacher_error, "teacher_wrong_share": wrong, "test_problems": len(test),
@@ -1017,12 +1018,12 @@ def main(cfg):
     check(cfg)
     if cfg.compare:
         return compare(cfg, rt)
+    if cfg.flawed_teacher:  # before derive: its GRPO has its own defaults (lr 1e-4, 120 steps)
+        return flawed_teacher(cfg, rt)
     cfg = derive(cfg)
     check(cfg)
     if cfg.train_reward_model:
         return train_reward_model(cfg, rt)
-    if cfg.flawed_teacher:
-        return flawed_teacher(cfg, rt)
     return run_rl(cfg, rt)
 
 
