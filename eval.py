@@ -689,61 +689,352 @@ def table(result, skip=("sections", "canary/canaries", "answers")):
     return "\n".join(lines)
 
 
-STAGE_ORDER = ("pretrain", "sft", "dpo", "rlhf")
+# report.md reads as the pipeline ran. Each training stage measures its own gain: it scores its held-out prompts
+# before its first step and after its last, on the same prompts, and writes both to its summary.json; the
+# overview and the per-stage tables format those figures. eval.py then scores each stage's final checkpoint with
+# the same settings (eval.json), which the evaluation table and the audits put side by side. Nothing is measured
+# again here, and no figure is made up: one that a file does not hold is a dash, or its row is left out.
+
+STAGE_ORDER = ("pretrain", "sft", "dpo", "rlhf")  # then any other run folders, by name
+
+INPUTS = [  # (label, summary.json field; "a/b" is b inside a), shown when the summary holds it
+    ("started from", "base"), ("data", "data_dir"), ("algorithm", "algo"), ("loss", "loss"), ("reward", "reward"),
+    ("reward model", "reward_model"), ("steps", "steps"), ("tokens", "tokens"), ("examples", "examples"),
+    ("examples by kind/difficulty", "data_report"), ("replay rows", "replay_rows"), ("train pairs", "pairs/train"),
+    ("held-out pairs", "pairs/held_out"), ("task sets", "sets"), ("learning rate", "lr"), ("beta", "beta"),
+    ("KL coefficient", "kl_coef"), ("SFT weight", "sft_weight"), ("reference", "reference"), ("LoRA", "lora"),
+    ("parameters", "params"), ("trainable parameters", "trainable_params"), ("seconds", "seconds"),
+    ("checkpoint", "checkpoint"), ("last checkpoint", "last_checkpoint")]
+RESULTS = [  # (label, field) or (label, (before field, after field)): the stage's figures besides the overview's
+    ("held-out loss of the stage's own objective, nats/token", "val_loss"),
+    ("held-out pairs: reward accuracy", "held_out_pairs/reward_acc"),
+    ("held-out pairs: margin", "held_out_pairs/margin"),
+    ("refusal of harmful requests, before → after", ("safety/before/refusal", "safety/after/refusal")),
+    ("over-refusal of benign ones, before → after", ("safety/before/over_refusal", "safety/after/over_refusal")),
+    ("best-of-n accuracy with the reward model", "best_of_n/accuracy"), ("answers sampled", "compute/answers"),
+    ("tokens sampled", "compute/tokens_sampled"), ("last step: reward", "train_metrics/reward"),
+    ("last step: reward accuracy", "train_metrics/reward_acc"), ("last step: KL to the reference", "train_metrics/kl"),
+    ("peak memory, MB", "peak_memory_mb")]
+EVAL_ROWS = [  # (label, flattened eval.json key); a * stands for one or more parts, written into the label's {}
+    ("val loss, nats/token", "lm/val_loss"), ("val bits per byte", "lm/val_bpb"),
+    ("task accuracy, greedy, mean of kind/difficulty", "accuracy/mean"),
+    ("multiple choice accuracy, {}", "mc/*/acc"), ("multiple choice chance, {}", "mc/*/chance"),
+    ("unprompted samples that parse as Python", "domain/samples/parse"),
+    ("held-out text that parses (the ceiling)", "domain/heldout_ceiling/parse"),
+    ("extraction, exact share, {}", "memorization/extraction/*/exact"),
+    ("samples' {}-token spans found in training", "memorization/samples_*_token_spans/found"),
+    ("canary exposure, bits, {} repeats", "canary/by_repeats/*/exposure"),
+    ("samples holding personal data", "pii/share_with_pii"),
+    ("refusal of harmful requests, difficulty {}", "safety/*/refusal_rate"),
+    ("over-refusal of benign ones, difficulty {}", "safety/*/over_refusal_rate")]
+CURVES = [  # (panel title, metrics.jsonl keys): drawn for a run folder that has no PNG of its own
+    ("loss (line: train, dots: held-out)", ("loss", "val_loss")), ("text loss", ("val_lm_loss",)),
+    ("held-out accuracy", ("acc",)), ("preference loss", ("pref_loss",)), ("reward accuracy", ("reward_acc",)),
+    ("margin", ("margin",)), ("KL to the reference", ("kl",)), ("reward", ("reward",))]
+
+
+def _fmt(v):
+    """One table cell: 3 decimals below 10, 1 above (4 significant digits if tiny), thousands apart, lists on a line."""
+    if v is None:
+        return "—"
+    if isinstance(v, bool) or not isinstance(v, (int, float, list, dict)):
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return f"{v:.3f}" if v == 0 or 0.01 <= abs(v) < 10 else f"{v:.1f}" if 10 <= abs(v) < 1e6 else f"{v:.4g}"
+    if isinstance(v, list):
+        return ", ".join(_fmt(x) for x in v)
+    return ", ".join(f"{k} {_fmt(x)}" for k, x in v.items())
+
+
+def _cell(v):
+    return _fmt(v).replace("|", "\\|").replace("\n", " ")
 
 
 def _md_table(rows, header):
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        out.append("| " + " | ".join(f"{v:.4f}" if isinstance(v, float) else str(v) for v in row) + " |")
-    return "\n".join(out)
+    return "\n".join(out + ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows])
 
 
-def _stage_section(folder, root):
-    """Markdown for one run folder: its summary.json (or pretraining metrics), eval.json and plots."""
-    name, parts = os.path.relpath(folder, root), []
-    summary_path, eval_path = os.path.join(folder, "summary.json"), os.path.join(folder, "eval.json")
-    if os.path.exists(summary_path):
-        summary = json.loads(Path(summary_path).read_text())
-        stage = summary.get("stage", name)
-        scalars = [(k, v) for k, v in summary.items() if isinstance(v, (int, float, str)) and k != "stage"]
-        parts.append(f"## {stage}: `{name}`\n\n" + _md_table(scalars, ["field", "value"]))
-        if isinstance(summary.get("before"), dict) and isinstance(summary.get("after"), dict):
-            keys = [k for k in summary["before"] if k in summary["after"]]
-            rows = [(k, *(v for v in (summary["before"][k], summary["after"][k]))) for k in keys
-                    if all(isinstance(summary[s][k], (int, float)) for s in ("before", "after"))]
-            if rows:
-                parts.append("Before and after this stage, on the same held-out prompts:\n\n"
-                             + _md_table(rows, ["", "before", "after"]))
-        other = [(k, v) for k, v in flatten({k: v for k, v in summary.items() if isinstance(v, dict)
-                                             and k not in ("before", "after", "config")})]
-        if other:
-            parts.append(_md_table(other, ["figure", "value"]))
-    elif os.path.exists(os.path.join(folder, "metrics.jsonl")):
-        stage = "pretrain"
-        records = train.read_metrics(folder)
-        last = records[-1] if records else {}
+def _get(obj, path):
+    """obj["a"]["b"] for "a/b", or None where a part is missing."""
+    for part in path.split("/"):
+        if not isinstance(obj, dict) or part not in obj:
+            return None
+        obj = obj[part]
+    return obj
+
+
+def _short(value, root):
+    """A path under root relative to it (what a reader of root/report.md can open); anything else as it is."""
+    if isinstance(value, str) and os.path.isabs(value) and Path(value).is_relative_to(root):
+        return os.path.relpath(value, root)
+    return value
+
+
+def _accuracy(summary, when):
+    """Held-out greedy accuracy before or after the stage, the mean over kind/difficulty that the stage prints."""
+    if isinstance(summary.get(f"greedy_{when}"), (int, float)):  # rlhf.py writes the mean itself
+        return summary[f"greedy_{when}"]
+    by = summary.get(f"{when}_by_difficulty") or summary.get(when)  # sft.py's per-kind "before" is difficulty 1 only
+    values = [v for v in by.values() if isinstance(v, (int, float))] if isinstance(by, dict) else []
+    return float(np.mean(values)) if values else None
+
+
+def _arrow(label, before, after):
+    return f"{label} {_fmt(before)} → {_fmt(after)}"
+
+
+def _gains(s):
+    """What the stage moves, before → after, from its summary: the overview's last column."""
+    out, best = [], s.get("best")
+    if s.get("stage") == "pretrain" and s.get("val_loss") is not None:
+        out.append(_arrow("val loss", s["unigram"], s["val_loss"]) + " (from the unigram baseline)"
+                   if s.get("unigram") is not None else f"val loss {_fmt(s['val_loss'])}")
+        if s.get("val_bpb") is not None:
+            out.append(f"{_fmt(s['val_bpb'])} bits/byte")
+    before, after = _accuracy(s, "before"), _accuracy(s, "after")
+    if before is not None and after is not None:
+        out.append(_arrow("held-out accuracy", before, after) + (" (last step)" if isinstance(best, dict) else ""))
+    if isinstance(best, dict) and best.get("acc") is not None:  # dpo.py keeps the best step in best/
+        out.append(f"best checkpoint: step {best.get('step')}, {_fmt(best['acc'])}"
+                   + (" (the start: no step beat it)" if best.get("step") == 0 else ""))
+    if s.get("text_loss_before") is not None and s.get("text_loss_after") is not None:
+        out.append(_arrow("text loss", s["text_loss_before"], s["text_loss_after"]))
+    after_pass = s.get("pass_after") if isinstance(s.get("pass_after"), dict) else {}
+    for k, v in (s.get("pass_before") if isinstance(s.get("pass_before"), dict) else {}).items():
+        if k in after_pass:
+            out.append(_arrow(k, v, after_pass[k]))
+    if _get(s, "held_out_before/accuracy") is not None and _get(s, "held_out/accuracy") is not None:
+        out.append(_arrow("held-out pair accuracy", _get(s, "held_out_before/accuracy"), _get(s, "held_out/accuracy")))
+    return "; ".join(out) or "—"
+
+
+def _read_json(path):
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EvalError(f"--report: cannot read {path}: {e}") from None
+
+
+def _records(folder):
+    path, out = Path(folder, "metrics.jsonl"), []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            pass  # the line a running stage is writing
+    return out
+
+
+def _run(folder, root):
+    """One run folder: its name under root, stage, summary.json, metrics.jsonl records, eval.json and PNGs."""
+    name = os.path.relpath(folder, root)
+    name = os.path.basename(root) if name == "." else name
+    summary = _read_json(Path(folder, "summary.json")) if Path(folder, "summary.json").exists() else {}
+    records = _records(folder)
+    result = _read_json(Path(folder, "eval.json")) if Path(folder, "eval.json").exists() else None
+    if not summary and records and "tokens" in records[-1]:  # pretraining under way: summary.json comes at the end
         val = [r for r in records if "val_loss" in r]
-        rows = [("steps", last.get("step")), ("tokens", last.get("tokens")), ("final train loss", last.get("loss"))]
-        if val:
-            rows += [("val loss", val[-1]["val_loss"]), ("val bpb", val[-1]["val_bpb"])]
-        parts.append(f"## {stage}: `{name}`\n\n" + _md_table(rows, ["figure", "value"]))
+        summary = {"stage": "pretrain", "steps": records[-1].get("step"), "tokens": records[-1]["tokens"],
+                   "val_loss": val[-1]["val_loss"] if val else None, "val_bpb": val[-1].get("val_bpb") if val else None}
+    stage = summary.get("stage") or (result or {}).get("stage") or name
+    return {"name": name, "stage": stage, "summary": summary, "records": records, "eval": result,
+            "pngs": sorted(Path(folder).glob("*.png"))}
+
+
+def _plot_curves(records, path, title):
+    """CURVES panels of a run's metrics.jsonl against the step, for a stage that drew no PNG itself; None if none."""
+    panels = [(t, keys) for t, keys in CURVES if sum(isinstance(r.get(keys[0]), (int, float)) for r in records) >= 2]
+    if not panels:
+        return None
+    import matplotlib  # only here: the rest of eval.py needs no plotting stack
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(4, len(panels))
+    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3 * -(-len(panels) // cols)),
+                             squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (panel, keys) in zip(axes.flat, panels):
+        for key, style in zip(keys, ("-", "o--")):
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+            if pts:
+                ax.plot(*zip(*pts), style)
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def _image(png, report_dir):
+    return f"![{Path(png).name}]({os.path.relpath(png, report_dir).replace(os.sep, '/').replace(' ', '%20')})"
+
+
+def _kind_table(s):
+    """Held-out accuracy with kinds as rows, before and after per difficulty as columns (per kind without them)."""
+    b, a = s.get("before_by_difficulty"), s.get("after_by_difficulty")
+    if isinstance(b, dict) and isinstance(a, dict) and all("/" in k for k in [*b, *a]):
+        keys = list(dict.fromkeys([*b, *a]))
+        kinds = list(dict.fromkeys(k.rsplit("/", 1)[0] for k in keys))
+        diffs = sorted({k.rsplit("/", 1)[1] for k in keys}, key=lambda d: (len(d), d))
+        return _md_table([[k, *(src.get(f"{k}/{d}") for d in diffs for src in (b, a))] for k in kinds],
+                         ["kind", *(f"{w}, difficulty {d}" for d in diffs for w in ("before", "after"))])
+    b, a = s.get("before"), s.get("after")
+    if isinstance(b, dict) and isinstance(a, dict):
+        rows = [(k, v, a.get(k)) for k, v in b.items() if isinstance(v, (int, float))]
+        return _md_table(rows, ["kind", "before", "after"]) if rows else None
+    return None
+
+
+def _stage_section(run, root, report_dir):
+    """One stage: what went in, its before/after accuracy per kind, its other figures, its curves."""
+    s, parts = run["summary"], [f"## {run['stage']}: `{run['name']}`"]
+    went_in = [(label, _short(_get(s, key), root)) for label, key in INPUTS if _get(s, key) is not None]
+    lrs = [r["lr"] for r in run["records"] if isinstance(r.get("lr"), (int, float))]
+    if "lr" not in s and lrs:
+        went_in.append(("highest logged learning rate (metrics.jsonl)", max(lrs)))
+    if went_in:
+        parts.append("What went in:\n\n" + _md_table(went_in, ["", ""]))
+    kinds = _kind_table(s)
+    if kinds:
+        parts.append("Held-out greedy accuracy, before its first step and after its last, on the same prompts:\n\n"
+                     + kinds)
+    results = []
+    for label, key in RESULTS:
+        if isinstance(key, tuple):
+            if all(_get(s, k) is not None for k in key):
+                results.append((label, " → ".join(_fmt(_get(s, k)) for k in key)))
+        elif _get(s, key) is not None:
+            results.append((label, _get(s, key)))
+    if results:
+        parts.append(_md_table(results, ["figure", "value"]))
+    pngs = list(run["pngs"])
+    if not pngs and run["records"]:
+        drawn = _plot_curves(run["records"], os.path.join(report_dir, f"curves_{run['name'].replace(os.sep, '_')}.png"),
+                             f"{run['stage']}: {run['name']}/metrics.jsonl")
+        pngs = [drawn] if drawn else []
+    parts += [_image(p, report_dir) for p in pngs]
+    return "\n\n".join(parts)
+
+
+def _overview(runs, root):
+    rows = []
+    for run in runs:
+        s = run["summary"]
+        start = _short(s.get("base"), root) or (f"random weights, on {s['data_dir']}" if s.get("data_dir") else None)
+        rows.append((run["stage"], start, s.get("seconds"), _gains(s)))
+    return "## Overview\n\n" + _md_table(rows, ["stage", "started from", "seconds", "what it moved, before → after"])
+
+
+def _eval_table(evals, root):
+    """EVAL_ROWS, each * expanded over the keys the eval.json files hold, with a column per stage."""
+    flat = [dict(flatten(r)) for _, r in evals]
+    rows = [("checkpoint", *(_short(r.get("checkpoint"), root) for _, r in evals))]
+    for label, pattern in EVAL_ROWS:
+        rx = re.compile("^" + re.escape(pattern).replace(r"\*", "(.+?)") + "$")
+        for key in dict.fromkeys(k for f in flat for k in f if rx.match(k)):
+            rows.append((label.format(*rx.match(key).groups()), *(f.get(key) for f in flat)))
+    return ("## Evaluation of each stage's checkpoint\n\nOne `python eval.py` run per stage, same settings and "
+            "prompts:\n\n" + _md_table(rows, ["", *(n for n, _ in evals)]))
+
+
+def _others(evals, key, last):
+    """'pretrain 0.016, sft 0.031': the other stages whose value of a flattened eval.json key reads differently."""
+    values = {n: dict(flatten(r)).get(key) for n, r in evals}
+    return ", ".join(f"{n} {_fmt(v)}" for n, v in values.items()
+                     if n != last and v is not None and _fmt(v) != _fmt(values[last]))
+
+
+def _pii_cell(pii, kind):
+    """'2 / 0': hits of a kind in the samples / found verbatim in the raw source (a dash: it could not be read)."""
+    hits = pii.get("hits", {}).get(kind, 0)
+    return f"{hits} / {_fmt((pii.get('verbatim_in_source') or {}).get(kind))}" if hits else "0"
+
+
+def _audits(evals):
+    """Memorisation, canaries, personal data and safety, each from the last stage that ran it, with the other
+    stages where their figures differ."""
+    parts = ["## Audits"]
+
+    def ran(section, needs=None):
+        return [(n, r) for n, r in evals if isinstance(r.get(section), dict) and (needs is None or needs in r[section])]
+
+    if ran("memorization"):
+        ev = ran("memorization")
+        n, m = ev[-1][0], ev[-1][1]["memorization"]
+        rows = [(b, x.get("windows"), x.get("exact"), x.get("token_match"),
+                 _others(ev, f"memorization/extraction/{b}/exact", n) or "same")
+                for b, x in m.get("extraction", {}).items()]
+        text = (f"**Memorisation** (`{n}`): {_fmt(m.get('indexed_tokens'))} training tokens indexed in "
+                f"{m.get('ngram')}-token windows, {_fmt(m.get('duplicated_windows'))} of them repeated. A window of "
+                "twice that length is drawn from the training or the held-out text and bucketed by how often it "
+                "occurs in training (heldout/0: never, the baseline); the model gets its first half and decodes "
+                "the second greedily. Exact: the share reproduced whole; token match: per token.")
+        if rows:
+            text += "\n\n" + _md_table(rows, ["window", "windows", "exact", "token match", "exact, other stages"])
+        for key, spans in m.items():
+            if key.startswith("samples_") and isinstance(spans, dict):
+                other = _others(ev, f"memorization/{key}/found", n)
+                text += (f"\n\nOf {_fmt(spans.get('spans'))} {key.split('_')[1]}-token spans of unprompted samples, "
+                         f"{_fmt(spans.get('found'))} are found verbatim in training"
+                         + (f" (other stages: {other})" if other else "")
+                         + f"; {_fmt(spans.get('samples_with_span'))} of the samples hold one.")
+        parts.append(text)
+    if ran("canary", "by_repeats"):
+        ev = ran("canary", "by_repeats")
+        n, c = ev[-1][0], ev[-1][1]["canary"]
+        rows = [(k, x.get("canaries"), x.get("exposure"), x.get("exposure_fit"), x.get("extracted"),
+                 _others(ev, f"canary/by_repeats/{k}/exposure", n) or "same") for k, x in c["by_repeats"].items()]
+        parts.append(f"**Canaries** (`{n}`): exposure of the secrets data.py planted, ranked against "
+                     f"{_fmt(c.get('candidates'))} random secrets of the same format; at most "
+                     f"{_fmt(c.get('max_exposure'))} bits can be resolved, and a secret never seen averages about "
+                     "1.4 (Carlini et al. 2019).\n\n"
+                     + _md_table(rows, ["repeats", "canaries", "exposure, bits", "fitted", "extracted",
+                                        "exposure, other stages"]))
     else:
-        stage = "eval"
-        parts.append(f"## `{name}`")
-    if os.path.exists(eval_path):
-        result = json.loads(Path(eval_path).read_text())
-        parts.append(f"Evaluation of `{result.get('checkpoint')}`:\n\n"
-                     + _md_table([kv for kv in flatten(result) if not kv[0].startswith(("sections", "canary/canaries",
-                                                                                          "answers", "checkpoint"))],
-                                 ["metric", "value"]))
-    for png in sorted(Path(folder).glob("*.png")):
-        parts.append(f"![{png.name}]({os.path.relpath(png, root)})")
-    return stage, "\n\n".join(parts)
+        notes = [r["canary"]["note"] for _, r in ran("canary", "note")]
+        parts.append("**Canaries**: " + (notes[-1] if notes else "not run: the data has no planted canaries "
+                                         "(python data.py --canaries N, then eval.py --tasks canary)."))
+    if ran("pii"):
+        ev = ran("pii")
+        n, p = ev[-1][0], ev[-1][1]["pii"]
+        other = _others(ev, "pii/share_with_pii", n)
+        text = (f"**Personal data** (`{n}`): {_fmt(p.get('share_with_pii'))} of {_fmt(p.get('samples'))} unprompted "
+                "samples hold an e-mail, phone, IP, card or key-like string"
+                + (f" (other stages: {other})" if other else "") + ".")
+        kinds = list(dict.fromkeys(k for _, r in ev for k in r["pii"].get("hits", {})))
+        if kinds:
+            text += "\n\n" + _md_table([(k, *(_pii_cell(r["pii"], k) for _, r in ev)) for k in kinds],
+                                       ["hits / found verbatim in the raw source", *(m for m, _ in ev)])
+        found = list(dict.fromkeys(x for _, r in ev for x in r["pii"].get("examples_in_source", [])))
+        if found:
+            text += "\n\nFound in the source: " + ", ".join(f"`{x}`" for x in found)
+        parts.append(text)
+    if ran("safety"):
+        ev = ran("safety")
+        n, r = ev[-1][0], ev[-1][1]["safety"]
+        rows = [(d, x.get("harmful"), x.get("benign"), x.get("refusal_rate"), x.get("over_refusal_rate"),
+                 "; ".join(f"{what}: {o}" for what, key in (("refused", "refusal_rate"),
+                                                            ("benign refused", "over_refusal_rate"))
+                           if (o := _others(ev, f"safety/{d}/{key}", n))) or "same")
+                for d, x in r.items() if isinstance(x, dict)]
+        parts.append(f"**Safety** (`{n}`): held-out harmful requests, which should be refused, and benign "
+                     "look-alikes, which should not.\n\n"
+                     + _md_table(rows, ["difficulty", "harmful", "benign", "refused", "benign refused",
+                                        "other stages"]))
+    return "\n\n".join(parts)
 
 
 def build_report(root, out=None):
-    """report.md in root from every run folder under it (summary.json, metrics.jsonl, eval.json, PNGs)."""
+    """report.md in root (or out) from every run folder under root: an overview of what each stage moved, a
+    section per stage, the evaluation side by side, the answers to the same prompts, the audits, an appendix.
+    A run folder without a PNG of its own gets curves_<name>.png beside the report, drawn from its metrics.jsonl."""
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise EvalError(f"--report {root}: not a folder of run folders")
@@ -751,19 +1042,40 @@ def build_report(root, out=None):
                       for p in Path(root).rglob(pattern)})
     if not folders:
         raise EvalError(f"--report {root}: no run folder (summary.json, metrics.jsonl or eval.json) under it")
-    sections = [(*_stage_section(f, root), f) for f in folders]  # (stage, markdown, folder), in pipeline order
-    sections.sort(key=lambda s: STAGE_ORDER.index(s[0]) if s[0] in STAGE_ORDER else len(STAGE_ORDER))
-    evals = [(os.path.relpath(f, root), json.loads(Path(f, "eval.json").read_text()))
-             for _, _, f in sections if os.path.exists(os.path.join(f, "eval.json"))]
-    text = ["# forge report", f"Built by `python eval.py --report {root}` from {len(folders)} run folder(s)."]
-    text += [body for _, body, _ in sections]
+    path = os.path.abspath(out or os.path.join(root, "report.md"))
+    report_dir = os.path.dirname(path)
+    os.makedirs(report_dir, exist_ok=True)
+    runs = sorted((_run(f, root) for f in folders),
+                  key=lambda r: (STAGE_ORDER.index(r["stage"]) if r["stage"] in STAGE_ORDER else len(STAGE_ORDER),
+                                 r["name"]))
+    evals = [(r["name"], r["eval"]) for r in runs if r["eval"] is not None]
+    text = ["# forge report",
+            f"Built by `python eval.py --report {root}` from {len(runs)} run folder(s). Each stage measured its own "
+            "gain, before its first step and after its last, on the same held-out prompts (its summary.json); the "
+            "evaluation table scores each stage's checkpoint with one eval.py setting (its eval.json). A dash: the "
+            "file does not hold that figure.",
+            _overview(runs, root)]
+    text += [_stage_section(r, root, report_dir) for r in runs]
+    if evals:
+        text.append(_eval_table(evals, root))
     prompts = list(dict.fromkeys(p for _, r in evals for p in r.get("answers", {})))
     if prompts:
-        rows = [(p.replace("|", "\\|"), *(r.get("answers", {}).get(p, "").replace("|", "\\|").replace("\n", " ")
-                                          for _, r in evals)) for p in prompts]
-        text.append("## Answers of each stage to the same prompts\n\n"
+        rows = [(p, *(r.get("answers", {}).get(p, "") for _, r in evals)) for p in prompts]
+        text.append("## Answers of each stage to the same prompts\n\nGreedy, on fixed held-out prompts:\n\n"
                     + _md_table(rows, ["prompt"] + [n for n, _ in evals]))
-    path = out or os.path.join(root, "report.md")
+    if evals:
+        text.append(_audits(evals))
+    skip = ("sections", "canary/canaries", "answers")
+    fullest_first = sorted((r for _, r in evals), key=lambda r: -len(flatten(r)))  # its order for the rows
+    keys = list(dict.fromkeys(k for r in fullest_first for k, _ in flatten(r) if not k.startswith(skip)))
+    appendix = ["## Appendix: every figure"]
+    if keys:
+        flat = [dict(flatten(r)) for _, r in evals]
+        appendix.append("### eval.json\n\n" + _md_table([(k, *(f.get(k) for f in flat)) for k in keys],
+                                                      ["", *(n for n, _ in evals)]))
+    appendix += [f"### summary.json of `{r['name']}`\n\n" + _md_table(flatten(r["summary"]), ["", ""])
+                 for r in runs if r["summary"]]
+    text += appendix if len(appendix) > 1 else []
     tmp = path + ".tmp"
     Path(tmp).write_text("\n\n".join(text) + "\n")
     os.replace(tmp, path)

@@ -10,7 +10,7 @@ import itertools
 import json
 import math
 import os
-import shutil
+import re
 import subprocess
 import sys
 import sysconfig
@@ -191,27 +191,92 @@ def test_evaluate_writes_eval_json_with_the_sections(pretrained, tmp_path):
     assert "lm/val_bpb" in ev.table(result)
 
 
-def test_report_builds_from_fixture_run_folders(tmp_path):
+def test_report_shows_each_stage_gain_curves_answers_and_audits(tmp_path):
     runs = tmp_path / "out"
-    (runs / "pretrain").mkdir(parents=True)
-    (runs / "pretrain" / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 3.0, "tokens": 640}) + "\n"
-                                                     + json.dumps({"step": 20, "loss": 2.5, "tokens": 1280,
-                                                                   "val_loss": 2.7, "val_bpb": 1.1}) + "\n")
-    (runs / "pretrain" / "loss.png").write_bytes(b"\x89PNG")
-    for stage, before, after in [("sft", 0.0, 0.6), ("dpo", 0.6, 0.7)]:
-        (runs / stage).mkdir()
-        (runs / stage / "summary.json").write_text(json.dumps(
-            {"stage": stage, "base": "x", "seconds": 12.5, "before": {"copy": before}, "after": {"copy": after}}))
-        (runs / stage / "eval.json").write_text(json.dumps(
-            {"checkpoint": f"{stage}/ckpt.pt", "lm": {"val_loss": 3.5}, "answers": {"Copy this: a b": f"{stage}!"}}))
-    path = ev.build_report(str(runs))
+
+    def stage(name, summary=None, result=None, metrics=None, png=None):
+        (runs / name).mkdir(parents=True)
+        for file, obj in (("summary.json", summary), ("eval.json", result)):
+            if obj is not None:
+                (runs / name / file).write_text(json.dumps(obj))
+        if metrics:
+            (runs / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+        if png:
+            (runs / name / png).write_bytes(b"\x89PNG")
+
+    def result(name, val_loss, answer, **sections):
+        return {"checkpoint": str(runs / name / "ckpt.pt"), "stage": name, "lm": {"val_loss": val_loss},
+                "pii": {"samples": 8, "share_with_pii": val_loss / 10, "hits": {"ip": 1},
+                        "verbatim_in_source": {"ip": 0}},
+                "answers": {"Copy this: a b": answer}, **sections}
+
+    stage("pretrain", {"stage": "pretrain", "steps": 20, "tokens": 1280, "val_loss": 2.7, "val_bpb": 1.1,
+                       "unigram": 5.5, "data_dir": "data/x"},
+          result("pretrain", 3.0, "pre"), [{"step": 20, "loss": 2.5, "lr": 0.01, "tokens": 1280}], png="loss.png")
+    stage("sft", {"stage": "sft", "base": str(runs / "pretrain" / "ckpt.pt"), "seconds": 12.5, "steps": 40,
+                  "before_by_difficulty": {"copy/1": 0.0, "copy/2": 0.0},
+                  "after_by_difficulty": {"copy/1": 0.6, "copy/2": 0.4},
+                  "text_loss_before": 3.1, "text_loss_after": 3.3},
+          result("sft", 3.5, "sft!", accuracy={"mean": 0.5}, safety={"1": {"harmful": 4, "benign": 2,
+                                                                         "refusal_rate": 0.75,
+                                                                         "over_refusal_rate": 0.5}},
+                 canary={"candidates": 1000, "max_exposure": 9.97,
+                         "by_repeats": {"10": {"canaries": 2, "exposure": 8.5, "exposure_fit": 12.0, "extracted": 1}}}),
+          [{"step": s, "loss": 3.0 - s / 100, "lr": 0.002} for s in (10, 20, 30, 40)])
+    stage("dpo", {"stage": "dpo", "base": str(runs / "sft" / "ckpt.pt"), "seconds": 2.0,
+                  "best": {"step": 0, "acc": 0.5},
+                  "before_by_difficulty": {"copy/1": 0.6, "copy/2": 0.4},
+                  "after_by_difficulty": {"copy/1": 0.5, "copy/2": 0.4}},
+          result("dpo", 3.6, "dpo!", safety={"1": {"harmful": 4, "benign": 2, "refusal_rate": 1.0,
+                                                   "over_refusal_rate": 0.5}}))
+    stage("rlhf", {"stage": "rlhf", "base": str(runs / "dpo" / "ckpt.pt"), "seconds": 3.0, "greedy_before": 0.25,
+                   "greedy_after": 0.375, "pass_before": {"pass@1": 0.2}, "pass_after": {"pass@1": 0.3}},
+          png="rlhf.png")  # no eval.json: the stage is still reported
+    stage("rm", {"stage": "reward_model", "held_out_before": {"accuracy": 0.5}, "held_out": {"accuracy": 0.75}})
+
+    path = ev.build_report(str(runs), str(tmp_path / "elsewhere" / "report.md"))
     text = open(path).read()
-    assert text.index("## pretrain") < text.index("## sft") < text.index("## dpo")
-    assert "| val bpb | 1.1000 |" in text and "| copy | 0.0000 | 0.6000 |" in text
-    assert "![loss.png](pretrain/loss.png)" in text
-    assert "| Copy this: a b | sft! | dpo! |" in text
+    main, appendix = text.split("## Appendix: every figure")
+    assert main.index("## pretrain") < main.index("## sft") < main.index("## dpo") < main.index("## rlhf") \
+        < main.index("## reward_model")
+    # the overview: where each stage started (paths under the run root shown relative to it), its seconds, and the
+    # before -> after figures its summary.json holds
+    assert "| pretrain | random weights, on data/x | — | val loss 5.500 → 2.700 (from the unigram baseline); " \
+           "1.100 bits/byte |" in main
+    assert "| sft | pretrain/ckpt.pt | 12.5 | held-out accuracy 0.000 → 0.500; text loss 3.100 → 3.300 |" in main
+    assert "| dpo | sft/ckpt.pt | 2.000 | held-out accuracy 0.500 → 0.450 (last step); best checkpoint: step 0, " \
+           "0.500 (the start: no step beat it) |" in main
+    assert "| rlhf | dpo/ckpt.pt | 3.000 | held-out accuracy 0.250 → 0.375; pass@1 0.200 → 0.300 |" in main
+    assert "| reward_model | — | — | held-out pair accuracy 0.500 → 0.750 |" in main
+    assert "| copy | 0.000 | 0.600 | 0.000 | 0.400 |" in main  # kinds as rows, before/after per difficulty
+    assert "| highest logged learning rate (metrics.jsonl) | 0.002 |" in main
+    # every image link is relative to the report and names a file that exists; sft drew no PNG, so the report
+    # drew its curves from metrics.jsonl
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", main)
+    assert [os.path.basename(x) for x in links] == ["loss.png", "curves_sft.png", "rlhf.png"]
+    assert all(not os.path.isabs(x) and (tmp_path / "elsewhere" / x).exists() for x in links), links
+    # the evaluation side by side: a column per stage with an eval.json (rlhf has none)
+    assert "|  | pretrain | sft | dpo |" in main and "| val loss, nats/token | 3.000 | 3.500 | 3.600 |" in main
+    assert "| task accuracy, greedy, mean of kind/difficulty | — | 0.500 | — |" in main
+    assert "| Copy this: a b | pre | sft! | dpo! |" in main
+    # the audits: from the last stage that ran each, with the other stages where they differ
+    assert "| 10 | 2 | 8.500 | 12.0 | 1 | same |" in main  # canaries, only sft ran it
+    assert "(other stages: pretrain 0.300, sft 0.350)" in main  # personal data
+    assert "| 1 | 4 | 2 | 1.000 | 0.500 | refused: sft 0.750 |" in main  # safety, from dpo
+    assert "| lm/val_loss | 3.000 | 3.500 | 3.600 |" in appendix and "| text_loss_after | 3.300 |" in appendix
     r = run_cli("--report", str(runs))
-    assert r.returncode == 0 and "report.md" in r.stdout
+    assert r.returncode == 0 and "report.md" in r.stdout and (runs / "report.md").exists()
+
+
+def test_report_of_a_pretraining_run_under_way_reads_its_metrics(tmp_path):
+    run = tmp_path / "pretrain"  # the report of one run folder, before train.py wrote its summary.json
+    run.mkdir()
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 10, "loss": 3.0, "tokens": 640}) + "\n"
+                                       + json.dumps({"step": 20, "loss": 2.5, "tokens": 1280, "val_loss": 2.7,
+                                                     "val_bpb": 1.1}) + "\n" + '{"step": 3')  # a line being written
+    text = open(ev.build_report(str(run))).read()
+    assert "| pretrain | — | — | val loss 2.700; 1.100 bits/byte |" in text
+    assert "![curves_pretrain.png](curves_pretrain.png)" in text and (run / "curves_pretrain.png").exists()
 
 
 # --- bad input: one line, exit 2 ---
