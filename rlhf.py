@@ -167,8 +167,8 @@ class RLConfig:
     # optimization
     batch_size: int = 16                # reward model: pairs per step
     micro_batch: int = 64               # rows per forward in the RL updates (gradient accumulation beyond it)
-    max_steps: int | None = None        # optimizer steps (reward model) or rollouts (RL); None = 300 / 60
-    lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 3e-5 (grpo)
+    max_steps: int | None = None        # optimizer steps (reward model) or rollouts (RL); None = 300 / 60 (ppo) / 30 (grpo)
+    lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 1e-4 (grpo)
     min_lr_frac: float = 1.0            # final learning rate as a fraction of --lr (1 = constant)
     warmup_steps: int = 0               # linear warmup steps
     schedule: str = "constant"          # cosine, wsd or constant (train.lr_at)
@@ -182,12 +182,12 @@ class RLConfig:
     threads: int | None = None          # torch CPU threads; None = torch's default
     seed: int = 1337                    # prompts, sampling
     # evaluation, logging, checkpoints
-    eval_every: int = 20                # steps between held-out greedy evaluations
+    eval_every: int = 10                # steps between held-out greedy evaluations
     eval_examples: int = 50             # held-out prompts per kind and difficulty
     pass_k: int = 8                     # k of pass@k (before and after); 0 = skip
     pass_examples: int = 20             # held-out prompts per kind and difficulty for pass@k and best-of-n
     log_every: int = 5                  # steps between progress lines
-    save_every: int = 20                # steps between checkpoints (one is always saved at the end)
+    save_every: int = 10                # steps between checkpoints (one is always saved at the end)
     keep_last: int = 2                  # checkpoints kept in out_dir
     out_dir: str | None = None          # run folder; None = out/rlhf (out/reward_model with --train-reward-model)
     resume: str | None = None           # RL run: checkpoint path, or "auto" = newest in out_dir (same flags)
@@ -571,8 +571,8 @@ def derive(cfg):
     """Fill the fields left at None (see their comments)."""
     ppo, rm = cfg.algo == "ppo", cfg.train_reward_model
     return replace(cfg, out_dir=cfg.out_dir or ("out/reward_model" if rm else "out/rlhf"),
-                   max_steps=cfg.max_steps or (300 if rm else 60),
-                   lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 3e-5),
+                   max_steps=cfg.max_steps or (300 if rm else 60 if ppo else 30),
+                   lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 1e-4),
                    prompts_per_step=cfg.prompts_per_step or 32,
                    kl_coef=cfg.kl_coef if cfg.kl_coef is not None else (0.05 if ppo else 0.02),
                    epochs=cfg.epochs or (4 if ppo else 1), minibatches=cfg.minibatches or (4 if ppo else 1))
@@ -617,7 +617,8 @@ def choose_sets(model, tokenizer, cfg, base_config, rt):
         keys = [(k, d) for k in cfg.kinds for d in cfg.difficulties if d <= tasks.MAX_DIFFICULTY[k]]
     else:
         candidates = base_config.get("difficulties") or [1, 2]
-        _, greedy = dpo.choose_difficulties(model, tokenizer, cfg, candidates, rt)
+        # the probe's prompts and samples do not depend on --seed: every seed trains and is scored on the same sets
+        _, greedy = dpo.choose_difficulties(model, tokenizer, replace(cfg, seed=0), candidates, rt)
         keys = [key for key, a in sorted(greedy.items()) if cfg.probe_min <= a <= cfg.probe_max]
         if not keys:
             raise RLError(f"no kind and difficulty has a greedy accuracy in [{cfg.probe_min}, {cfg.probe_max}] "
@@ -625,9 +626,9 @@ def choose_sets(model, tokenizer, cfg, base_config, rt):
         probe = {key: {"greedy": a} for key, a in greedy.items()}
         if cfg.max_sets and len(keys) > cfg.max_sets:
             for k, d in keys:  # the same probe prompts as the greedy probe, group_size samples each
-                exs = tasks.generate(k, cfg.probe_prompts, cfg.seed + 1, "train", d)
+                exs = tasks.generate(k, cfg.probe_prompts, 1, "train", d)
                 answers = dpo.sample_answers(model, tokenizer, [e["messages"][:-1] for e in exs], rt,
-                                             cfg.group_size, cfg.temperature, cfg.max_new_tokens, cfg.seed + 3)
+                                             cfg.group_size, cfg.temperature, cfg.max_new_tokens, 3)
                 probe[(k, d)]["pass@k"] = float(np.mean([any(tasks.score(k, e["prompt"], a) for a in ans)
                                                          for e, ans in zip(exs, answers)]))
             gap = {key: probe[key]["pass@k"] - probe[key]["greedy"] for key in keys}

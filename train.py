@@ -554,6 +554,7 @@ def main(cfg):
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     # --- loop ---
+    t_start = time.time()
     last_loss, step_time = math.nan, None
     saved_at = start_step if resume_path else None
     evaluated_at, val_loss, val_bpb = None, None, None
@@ -625,7 +626,8 @@ def main(cfg):
     if rt.master and done == cfg.max_steps:  # a complete run: the next stage and the report read this
         summary = {"stage": "pretrain", "checkpoint": list_checkpoints(cfg.out_dir)[-1], "steps": done,
                    "tokens": done * total_batch_tokens, "val_loss": val_loss, "val_bpb": val_bpb,
-                   "unigram": unigram, "params": raw_model.num_params(), "data_dir": cfg.data_dir}
+                   "unigram": unigram, "params": raw_model.num_params(), "data_dir": cfg.data_dir, "lr": cfg.lr,
+                   "seconds": round(time.time() - t_start, 1)}  # this process's loop, evaluation and samples
         tmp = os.path.join(cfg.out_dir, "summary.json.tmp")
         with open(tmp, "w") as f:
             json.dump(summary, f, indent=1)
