@@ -17,12 +17,12 @@ done_() { [ -f "$OUT/$1/summary.json" ]; }  # the stage's folder is complete
 done_ pretrain || python train.py --out-dir "$OUT/pretrain"                             # pretraining
 done_ sft      || python sft.py --init "$OUT/pretrain" --out-dir "$OUT/sft"             # supervised fine-tuning
 done_ dpo      || python dpo.py --init "$OUT/sft" --out-dir "$OUT/dpo"                  # preference pairs, offline
-if [ -f rlhf.py ]; then
-    done_ rlhf || python rlhf.py --init "$OUT/dpo/best" --out-dir "$OUT/rlhf"           # RL with a verifier
-fi
-for stage in pretrain sft dpo rlhf; do
-    if done_ "$stage" && [ ! -f "$OUT/$stage/eval.json" ]; then
-        python eval.py "$OUT/$stage" --out "$OUT/$stage/eval.json"                      # evaluation and audits
-    fi
-done
+done_ rlhf     || python rlhf.py --init "$OUT/dpo/best" --out-dir "$OUT/rlhf"          # RL with a verifier
+evaluate() {  # stage, checkpoint folder: evaluation and audits into the stage's eval.json
+    if done_ "$1" && [ ! -f "$OUT/$1/eval.json" ]; then python eval.py "$OUT/$2" --out "$OUT/$1/eval.json"; fi
+}
+evaluate pretrain pretrain
+evaluate sft      sft
+evaluate dpo      dpo/best                                                              # the step RLHF started from
+evaluate rlhf     rlhf
 python eval.py --report "$OUT"                                                          # $OUT/report.md

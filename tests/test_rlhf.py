@@ -297,3 +297,18 @@ def test_a_resumed_run_repeats_the_uninterrupted_one_exactly(sft_checkpoint, tmp
     assert resumed["compute"] == whole["compute"]
     with pytest.raises(rlhf.RLError, match="cannot resume"):
         rlhf.run_rl(replace(cfg, out_dir=cut, resume="auto", algo="ppo" if algo == "grpo" else "grpo"), RT)
+
+
+def test_the_probe_keeps_the_sets_where_sampling_beats_greedy_most_whatever_the_seed(sft_checkpoint, tmp_path):
+    cfg = cfg_for(sft_checkpoint, tmp_path, difficulties=None, max_sets=1, probe_min=0.0, probe_max=1.0,
+                  probe_prompts=8, group_size=4)
+    model, tokenizer, _, _ = sft.load_base(cfg.init)
+    model.eval()
+    sets, pool, probe = rlhf.choose_sets(model, tokenizer, cfg, {"difficulties": [1]}, RT)
+    gaps = {key: p["pass@k"] - p["greedy"] for key, p in probe.items() if "pass@k" in p}
+    assert len(gaps) == len(KINDS) and len(sets) == 1
+    (chosen,) = sets
+    assert gaps[chosen] == max(gaps.values())
+    assert all(e["kind"] == chosen[0] for e in pool)
+    again, _, probe_again = rlhf.choose_sets(model, tokenizer, replace(cfg, seed=5), {"difficulties": [1]}, RT)
+    assert list(again) == [chosen] and probe_again == probe  # the seed moves the training prompts, not the sets
