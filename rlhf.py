@@ -167,7 +167,7 @@ class RLConfig:
     # optimization
     batch_size: int = 16                # reward model: pairs per step
     micro_batch: int = 64               # rows per forward in the RL updates (gradient accumulation beyond it)
-    max_steps: int | None = None        # optimizer steps (reward model) or rollouts (RL); None = 300 / 60 (ppo) / 30 (grpo)
+    max_steps: int | None = None        # reward model steps or RL rollouts; None = 300 (RM), 60 (ppo), 30 (grpo)
     lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 1e-4 (grpo)
     min_lr_frac: float = 1.0            # final learning rate as a fraction of --lr (1 = constant)
     warmup_steps: int = 0               # linear warmup steps
@@ -403,7 +403,7 @@ def pass_at_k(model, tokenizer, sets, rt, cfg, k):
     """pass@1 and pass@k at --temperature on the first pass_examples prompts of each set (k answers each)."""
     items = [e for exs in sets.values() for e in exs[:cfg.pass_examples]]
     answers = dpo.sample_answers(model, tokenizer, [e["messages"][:-1] for e in items], rt, k, cfg.temperature,
-                                 cfg.max_new_tokens, cfg.seed + 7)
+                                 cfg.max_new_tokens, 7)  # the same samples for every --seed
     right = np.array([[tasks.score(e["kind"], e["prompt"], a) for a in ans] for e, ans in zip(items, answers)])
     return {"pass@1": float(right.mean()), f"pass@{k}": float(right.any(axis=1).mean())}
 
@@ -412,7 +412,7 @@ def best_of_n(model, rm, tokenizer, sets, rt, cfg):
     """Accuracy of the answer the reward model ranks first among best_of_n samples, against the oracle (any right)
     and one sample; the tokens it sampled."""
     items = [e for exs in sets.values() for e in exs[:cfg.pass_examples]]
-    ro = rollout(model, tokenizer, items, rt, replace(cfg, shared_prefill=True), cfg.best_of_n, cfg.seed + 11, rm)
+    ro = rollout(model, tokenizer, items, rt, replace(cfg, shared_prefill=True), cfg.best_of_n, 11, rm)
     n = cfg.best_of_n
     scores, right = np.array(ro.scores).reshape(-1, n), np.array(ro.correct).reshape(-1, n)
     pick = right[np.arange(len(items)), scores.argmax(axis=1)]
@@ -579,9 +579,9 @@ def derive(cfg):
 
 
 def check(cfg):
-    for name in ("group_size", "max_sets", "eval_every", "log_every", "save_every", "keep_last", "batch_size", "micro_batch",
-                 "probe_prompts", "pool_size", "eval_examples", "best_of_n", "samples", "prompts_per_task",
-                 "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches", "teacher_steps",
+    for name in ("group_size", "max_sets", "eval_every", "log_every", "save_every", "keep_last", "batch_size",
+                 "micro_batch", "probe_prompts", "pool_size", "eval_examples", "best_of_n", "samples",
+                 "prompts_per_task", "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches", "teacher_steps",
                  "teacher_difficulty"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
