@@ -581,8 +581,8 @@ def derive(cfg):
 def check(cfg):
     for name in ("group_size", "max_sets", "eval_every", "log_every", "save_every", "keep_last", "batch_size",
                  "micro_batch", "probe_prompts", "pool_size", "eval_examples", "best_of_n", "samples",
-                 "prompts_per_task", "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches", "teacher_steps",
-                 "teacher_difficulty"):
+                 "prompts_per_task", "pairs_per_prompt", "max_steps", "prompts_per_step", "epochs", "minibatches",
+                 "teacher_steps", "teacher_difficulty"):
         value = getattr(cfg, name)
         if value is not None and value < 1:
             raise RLError(f"--{name.replace('_', '-')} {value}: must be at least 1")
