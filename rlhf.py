@@ -189,7 +189,7 @@ class RLConfig:
     log_every: int = 5                  # steps between progress lines
     save_every: int = 10                # steps between checkpoints (one is always saved at the end)
     keep_last: int = 2                  # checkpoints kept in out_dir
-    out_dir: str | None = None          # run folder; None = out/rlhf (out/reward_model with --train-reward-model)
+    out_dir: str | None = None          # None = out/rlhf (out/reward_model, out/flawed_teacher, out/compare)
     resume: str | None = None           # RL run: checkpoint path, or "auto" = newest in out_dir (same flags)
     # the flawed-teacher experiment
     teacher_kind: str = "sort"          # sort (the teacher drops repeated letters) or add (it drops a carry)
@@ -570,7 +570,9 @@ def find_init(path):
 def derive(cfg):
     """Fill the fields left at None (see their comments)."""
     ppo, rm = cfg.algo == "ppo", cfg.train_reward_model
-    return replace(cfg, out_dir=cfg.out_dir or ("out/reward_model" if rm else "out/rlhf"),
+    mode_dir = ("out/reward_model" if rm else "out/flawed_teacher" if cfg.flawed_teacher else
+                "out/compare" if cfg.compare else "out/rlhf")
+    return replace(cfg, out_dir=cfg.out_dir or mode_dir,
                    max_steps=cfg.max_steps or (300 if rm else 60 if ppo else 30),
                    lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 1e-4),
                    prompts_per_step=cfg.prompts_per_step or 32,
@@ -969,7 +971,7 @@ def flawed_teacher(cfg, rt):
               "teacher_error": cfg.teacher_error, "teacher_wrong_share": wrong, "test_problems": len(test),
               "rows": rows, "grpo_pass": {"before": rl["pass_before"], "after": rl["pass_after"]},
               "grpo_zero_std_frac_last": rl["train_metrics"].get("zero_std_frac")}
-    sft.write_json(os.path.join(out, "flawed_teacher.json"), result)
+    sft.write_json(os.path.join(out, "summary.json"), result)
     return result
 
 
@@ -1009,7 +1011,7 @@ def compare(raw, rt):
     result = {"stage": "rlhf", "experiment": "compare", "base": init, "sets": runs["grpo"]["sets"],
               "reward_model": {k: rm[k] for k in ("checkpoint", "held_out", "seconds")},
               "rows": [dict(zip(("method", "accuracy", "tokens_sampled", "trained", "seconds"), r)) for r in table]}
-    sft.write_json(os.path.join(out, "compare.json"), result)
+    sft.write_json(os.path.join(out, "summary.json"), result)
     return result
 
 

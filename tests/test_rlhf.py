@@ -8,6 +8,7 @@ read at the last answer token whatever the padding, the shared prefill equal to 
 a PPO step, one-line errors.
 """
 import copy
+import json
 import math
 import os
 import random
@@ -312,3 +313,19 @@ def test_the_probe_keeps_the_sets_where_sampling_beats_greedy_most_whatever_the_
     assert all(e["kind"] == chosen[0] for e in pool)
     again, _, probe_again = rlhf.choose_sets(model, tokenizer, replace(cfg, seed=5), {"difficulties": [1]}, RT)
     assert list(again) == [chosen] and probe_again == probe  # the seed moves the training prompts, not the sets
+
+
+def test_the_flawed_teacher_experiment_writes_its_table_of_three_rows(pretrained, tmp_path):
+    # plumbing only, a few steps: SFT on the teacher, GRPO, the same time of more SFT, and the sub-population table
+    cfg = rlhf.RLConfig(init=pretrained["ckpt"], flawed_teacher=True, teacher_steps=3, max_steps=2, device="cpu",
+                        eval_examples=8, pass_k=2, pass_examples=4, prompts_per_step=4, group_size=2,
+                        max_new_tokens=16, log_every=100, out_dir=str(tmp_path / "ft"))
+    s = rlhf.main(cfg)
+    assert s == json.load(open(tmp_path / "ft" / "summary.json"))
+    assert s["experiment"] == "flawed_teacher" and s["kind"] == "sort" and s["test_problems"] == 32
+    assert 0.25 < s["teacher_wrong_share"] < 0.45  # 59% of sort/3 problems repeat a letter, 60% of those wrong
+    assert [r["method"].split()[0] for r in s["rows"]] == ["SFT", "+", "+"] and "GRPO" in s["rows"][2]["method"]
+    for r in s["rows"]:
+        assert all(0 <= r[k] <= 1 for k in ("all", "weak spot", "elsewhere"))
+    teacher = [json.loads(line) for line in open(tmp_path / "ft" / "flawed_teacher.jsonl")]
+    assert len(teacher) == 4000 and all(len(c["messages"]) == 2 for c in teacher[:10])
