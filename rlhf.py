@@ -862,8 +862,11 @@ def run_rl(cfg, rt):
         try:
             m = rl_step(cfg, ro, policy, reference, value, module, optimizer, rt, tokenizer.eot_id, end)
         except train.Diverged as e:
+            plot(records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}: stopped at step {step + 1}")
             raise train.Diverged(f"step {step + 1}: {e}; the last good checkpoint is {last_good}") from None
-        if m["kl"] > cfg.kl_max:
+        if m["kl"] > cfg.kl_max:  # the curves up to here are the story of the run: keep them
+            plot(records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}, reward {cfg.reward}: stopped at "
+                 f"step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}")
             raise train.Diverged(f"step {step + 1}: KL to the reference {m['kl']:.2f} nats per answer passed --kl-max "
                                  f"{cfg.kl_max}; the last good checkpoint is {last_good}; lower --lr or raise "
                                  f"--kl-coef")
@@ -977,6 +980,28 @@ def flawed_teacher(cfg, rt):
 
 # --- main: one comparison on the same checkpoint and held-out prompts ---
 
+def run_or_stopped(cfg, rt):
+    """run_rl, or for a run stopped by a KL past --kl-max (PPO on a learned reward can get there: that is the
+    over-optimisation the comparison shows) the same figures from its last good checkpoint, scored here."""
+    try:
+        return run_rl(cfg, rt)
+    except train.Diverged as e:
+        found = train.list_checkpoints(cfg.out_dir)
+        if not found:
+            raise
+        state = train.load_checkpoint(found[-1])
+        model, tokenizer, _, _ = sft.load_base(found[-1], cfg.data_dir)
+        before = dpo.unkeyed(state["before"])
+        sets = {key: tasks.generate(key[0], cfg.eval_examples, 0, "test", key[1]) for key in before}
+        records = [r for r in train.read_metrics(cfg.out_dir) if r["step"] <= state["step"]]
+        train.print0(f"stopped early ({e}); scoring its last good checkpoint {found[-1]}")
+        return {"greedy_before": mean(before), "greedy_after": mean(accuracy(model.to(rt.device).eval(), tokenizer,
+                                                                              sets, rt, cfg)),
+                "compute": state["totals"], "seconds": round(sum(r["seconds"] for r in records), 1),
+                "best_of_n": state["best_of_n"], "sets": sorted(state["before"]), "checkpoint": found[-1],
+                "stopped": f"{e}".split(";")[0] + f"; scored at step {state['step']}"}
+
+
 def compare(raw, rt):
     """Reward model, then best-of-n, DPO, PPO (tasks), PPO (reward model) and GRPO from raw.init; the table."""
     out, init = derive(raw).out_dir, find_init(raw.init)
@@ -984,9 +1009,9 @@ def compare(raw, rt):
     rm = train_reward_model(arm(train_reward_model=True, out_dir=os.path.join(out, "reward_model"),
                                 max_steps=None, lr=None), rt)
     runs = {"grpo": run_rl(arm(algo="grpo", reward="tasks", out_dir=os.path.join(out, "grpo")), rt),
-            "ppo_tasks": run_rl(arm(algo="ppo", reward="tasks", out_dir=os.path.join(out, "ppo_tasks")), rt),
-            "ppo_model": run_rl(arm(algo="ppo", reward="model", reward_model=rm["checkpoint"],
-                                    out_dir=os.path.join(out, "ppo_model")), rt)}
+            "ppo_tasks": run_or_stopped(arm(algo="ppo", reward="tasks", out_dir=os.path.join(out, "ppo_tasks")), rt),
+            "ppo_model": run_or_stopped(arm(algo="ppo", reward="model", reward_model=rm["checkpoint"],
+                                            out_dir=os.path.join(out, "ppo_model")), rt)}
     keys = [tuple(k.rsplit("/", 1)) for k in runs["grpo"]["sets"]]
     sets = {(k, int(d)): tasks.generate(k, raw.eval_examples, 0, "test", int(d)) for k, d in keys}
     dpo_summary = dpo.main(dpo.DPOConfig(init=init, data_dir=raw.data_dir, kinds=sorted({k for k, _ in sets}),
@@ -1002,6 +1027,7 @@ def compare(raw, rt):
               dpo_summary["seconds"])]
     for name, r in (("PPO, reward tasks.score", runs["ppo_tasks"]), ("PPO, reward model", runs["ppo_model"]),
                     ("GRPO, reward tasks.score", runs["grpo"])):
+        name += f" ({r['stopped']})" if r.get("stopped") else ""
         table.append((name, r["greedy_after"], r["compute"]["tokens_sampled"], r["compute"]["tokens_trained"],
                       r["seconds"]))
     train.print0("\n| method | held-out greedy | tokens sampled | tokens (or answers) trained | seconds |\n"

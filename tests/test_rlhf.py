@@ -270,9 +270,17 @@ def test_bad_input_is_one_line_and_exit_2(sft_checkpoint, tmp_path):
 
 
 def test_an_exploding_kl_stops_with_exit_1_and_names_the_metric(sft_checkpoint, tmp_path):
-    cfg = cfg_for(sft_checkpoint, tmp_path, max_steps=6, prompts_per_step=8, lr=0.05, kl_max=1e-3, eval_every=50)
+    cfg = cfg_for(sft_checkpoint, tmp_path, max_steps=6, prompts_per_step=8, lr=0.05, kl_max=1e-3, eval_every=50,
+                  save_every=1)
     with pytest.raises(train.Diverged, match="KL to the reference"):
         rlhf.run_rl(cfg, RT)
+    assert os.path.exists(os.path.join(cfg.out_dir, "rlhf.png"))  # the curves up to the stop are kept
+    assert not os.path.exists(os.path.join(cfg.out_dir, "summary.json"))
+    # --compare scores such an arm at its last good checkpoint instead of losing the whole comparison
+    stopped = rlhf.run_or_stopped(replace(cfg, out_dir=str(tmp_path / "again")), RT)
+    last = train.list_checkpoints(str(tmp_path / "again"))[-1]
+    assert stopped["checkpoint"] == last and "KL to the reference" in stopped["stopped"]
+    assert 0 <= stopped["greedy_after"] <= 1 and stopped["compute"]["answers"] > 0
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
