@@ -850,6 +850,7 @@ def run_rl(cfg, rt):
         f.writelines(json.dumps(r) + "\n" for r in records)
     n = cfg.group_size if cfg.algo == "grpo" else 1
     greedy_after = greedy_before
+    start_point = [{"step": 0, "acc": mean(greedy_before)}]  # the plot's held-out accuracy starts before step 1
     for step in range(start, cfg.max_steps):
         t0 = time.time()
         lr = train.lr_at(step, cfg)
@@ -862,11 +863,12 @@ def run_rl(cfg, rt):
         try:
             m = rl_step(cfg, ro, policy, reference, value, module, optimizer, rt, tokenizer.eot_id, end)
         except train.Diverged as e:
-            plot(records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}: stopped at step {step + 1}")
+            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"),
+                 f"{cfg.algo}: stopped at step {step + 1}")
             raise train.Diverged(f"step {step + 1}: {e}; the last good checkpoint is {last_good}") from None
         if m["kl"] > cfg.kl_max:  # the curves up to here are the story of the run: keep them
-            plot(records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}, reward {cfg.reward}: stopped at "
-                 f"step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}")
+            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"),
+                 f"{cfg.algo}, reward {cfg.reward}: stopped at step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}")
             raise train.Diverged(f"step {step + 1}: KL to the reference {m['kl']:.2f} nats per answer passed --kl-max "
                                  f"{cfg.kl_max}; the last good checkpoint is {last_good}; lower --lr or raise "
                                  f"--kl-coef")
@@ -904,7 +906,7 @@ def run_rl(cfg, rt):
     sft.print_table(greedy_before, greedy_after)
     title = f"{cfg.algo}, reward {cfg.reward}" + (" (proxy: the reward model; true accuracy by tasks.score)"
                                                    if cfg.reward == "model" else "")
-    png = plot(records, os.path.join(cfg.out_dir, "rlhf.png"), title)
+    png = plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"), title)
     summary = {"stage": "rlhf", "algo": cfg.algo, "reward": cfg.reward, "reward_model": rm_path, "base": init,
                "checkpoint": last_good, "steps": cfg.max_steps, "seconds": round(time.time() - t_start, 1),
                "lr": cfg.lr, "kl_coef": cfg.kl_coef, "sets": sorted(dpo.keyed(sets)),
