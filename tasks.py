@@ -590,10 +590,13 @@ def write_jsonl(path, records):
 # --- decontamination: 13-gram overlap ---
 # GPT-3 (Brown et al. 2020, appendix C) called a test item contaminated when it shares a 13-gram of lower-cased
 # words with the training data. A test item shorter than n words has no n-gram; it counts as contaminated when
-# its words equal a whole training item's (so short synthetic prompts are still checked, exactly).
+# its words equal a whole training item's (so short synthetic prompts are still checked, exactly). Arithmetic
+# signs count as words: without them "7 - 0 = 7" and "7 + 0 = 7" would be the same item. The command line checks
+# the test prompts (every turn but the assistant's), not their answers: a refusal or a one-word answer shared by
+# many items is no leak of the test problems.
 
 def _words(text):
-    return re.findall(r"\w+", text.lower())
+    return re.findall(r"\w+|[-+*/%=<>]", text.lower())
 
 
 def ngram_overlap(train_texts, test_texts, n=13):
@@ -695,7 +698,8 @@ def main(argv=None):
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--write", metavar="DIR", help="write DIR/train.jsonl and DIR/test.jsonl")
     mode.add_argument("--show", metavar="KIND", help="print a few training examples of one kind")
-    mode.add_argument("--overlap", nargs=2, metavar=("TRAIN", "TEST"), help="13-gram overlap of two JSONL files")
+    mode.add_argument("--overlap", nargs=2, metavar=("TRAIN", "TEST"), help="test prompts sharing a 13-gram with "
+                      "the training conversations")
     mode.add_argument("--filter", nargs=2, metavar=("IN", "OUT"), help="filter IN into OUT and print the counts")
     args = parser.parse_args(argv)
     cfg = TasksConfig(**{f.name: getattr(args, f.name) for f in fields(TasksConfig)})
@@ -705,9 +709,11 @@ def main(argv=None):
         elif args.show:
             show(args.show, cfg.difficulty[0], cfg.seed)
         elif args.overlap:
-            train, test = (list(map(conversation_text, read_conversations(p))) for p in args.overlap)
+            train = [conversation_text(c) for c in read_conversations(args.overlap[0])]
+            test = [conversation_text([m for m in c if m["role"] != "assistant"])
+                    for c in read_conversations(args.overlap[1])]
             r = ngram_overlap(train, test)
-            print(f"{r['leaked']} of {r['test_items']} test conversations ({100 * r['leaked_fraction']:.1f}%) share a "
+            print(f"{r['leaked']} of {r['test_items']} test prompts ({100 * r['leaked_fraction']:.1f}%) share a "
                   f"{r['n']}-gram with the {len(train)} training conversations ({r['short_test_items']} shorter than "
                   f"{r['n']} words were compared whole)")
             for leak in r["leaks"][:10]:

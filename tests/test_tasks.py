@@ -317,6 +317,17 @@ def test_ngram_overlap_compares_short_items_whole():
     assert report["leaked"] == 0 and report["short_test_items"] == len(test)
     leaks = tasks.ngram_overlap(train, test + [" ".join(train[3].upper().split())])["leaks"]
     assert [leak["index"] for leak in leaks] == [len(test)]  # a short item equal to a training item, whole
+    # the sign is a word: the same digits under another operation are another problem
+    assert tasks.ngram_overlap(["7 - 0 =\n7"], ["7 + 0 =\n7", "7 - 0 =\n7"])["leaks"] == [{"index": 1, "ngram":
+                                                                                           "7 - 0 = 7"}]
+
+
+def test_cli_overlap_finds_no_leak_between_the_written_train_and_test_splits(tmp_path, capsys):
+    # (not safety: its test requests differ from training ones by a name or a file only, which a 13-gram sees)
+    kinds = [k for k in tasks.KINDS if k != "safety"]
+    tasks.main(["--write", str(tmp_path / "t"), "--n", "60", "--n-test", "30", "--kinds", *kinds])
+    tasks.main(["--overlap", str(tmp_path / "t" / "train.jsonl"), str(tmp_path / "t" / "test.jsonl")])
+    assert capsys.readouterr().out.split("\n")[-2].startswith("0 of ")  # the splits are disjoint by construction
 
 
 def conv(user, answer):
@@ -346,7 +357,7 @@ def test_cli_overlap_and_filter(tmp_path, capsys):
     test = write_lines(tmp_path / "test.jsonl", [{"messages": conv(passage(random.Random(3)), "yes")},
                                                  {"messages": conv("new", "words")}])
     tasks.main(["--overlap", str(train), str(test)])
-    assert "1 of 2 test conversations" in capsys.readouterr().out
+    assert "1 of 2 test prompts" in capsys.readouterr().out
     both = write_lines(tmp_path / "both.jsonl", [{"messages": conv(*qa)} for qa in [("a", "b"), ("a", "b"), ("c", "")]])
     tasks.main(["--filter", str(both), str(tmp_path / "kept.jsonl")])
     assert tasks.read_conversations(tmp_path / "kept.jsonl") == [conv("a", "b")]
