@@ -213,6 +213,11 @@ def test_pii_is_redacted_with_placeholders_and_luhn_checked():
                    "not a card 4111 1111 1111 1112, version 3.11.7")
     assert counts == {"email": 1, "phone": 2, "ip": 1, "card": 1}
     assert data.luhn_ok("79927398713") and not data.luhn_ok("79927398710")
+    # a card right after a phone number, two cards in a row, the 4-6-5 layout, a run of small numbers
+    counts = Counter()
+    out = data.redact_pii("555-123-4567 4111 1111 1111 1111 4111 1111 1111 1112, amex 3782 822463 10005, "
+                          "table 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16", counts)
+    assert out == "<PHONE> <CARD> 4111 1111 1111 1112, amex <CARD>, table 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16"
 
 
 def test_exact_and_near_duplicates_are_dropped_and_counted():
