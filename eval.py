@@ -846,30 +846,9 @@ def _run(folder, root):
 
 def _plot_curves(records, path, title):
     """CURVES panels of a run's metrics.jsonl against the step, for a stage that drew no PNG itself; None if none."""
-    panels = [(t, keys) for t, keys in CURVES if sum(isinstance(r.get(keys[0]), (int, float)) for r in records) >= 2]
-    if not panels:
-        return None
-    import matplotlib  # only here: the rest of eval.py needs no plotting stack
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    cols = min(4, len(panels))
-    fig, axes = plt.subplots(-(-len(panels) // cols), cols, figsize=(4 * cols, 3 * -(-len(panels) // cols)),
-                             squeeze=False)
-    for ax in axes.flat[len(panels):]:
-        ax.axis("off")
-    for ax, (panel, keys) in zip(axes.flat, panels):
-        for key, style in zip(keys, ("-", "o--")):
-            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
-            if pts:
-                ax.plot(*zip(*pts), style)
-        ax.set_title(panel, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    panels = [(t, [(k, s, False) for k, s in zip(keys, ("-", "o--"))]) for t, keys in CURVES
+              if sum(isinstance(r.get(keys[0]), (int, float)) for r in records) >= 2]
+    return train.plot_panels(records, panels, path, title) if panels else None
 
 
 def _image(png, report_dir):

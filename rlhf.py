@@ -440,23 +440,9 @@ PANELS = (("reward", "true_acc", "mean reward (line) / true accuracy of the roll
 
 def plot(records, path, title):
     """One panel per metric against the step; the first puts the proxy reward beside the true accuracy."""
-    import matplotlib  # only here: importing rlhf.py for its losses should not need a plotting stack
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
-    for ax, (a, b, name) in zip(axes.flat, PANELS):
-        for key, style, color, twin in ((a, "-", "C0", False), (b, "--", "C1", a == "reward")):
-            pts = [(r["step"], r[key]) for r in records if key and r.get(key) is not None]
-            if pts:
-                (ax.twinx() if twin else ax).plot(*zip(*pts), style, color=color, marker="o" if key == "acc" else "")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    panels = [(name, [(a, "o-" if a == "acc" else "-", False)] + ([(b, "--", a == "reward")] if b else []))
+              for a, b, name in PANELS]
+    return train.plot_panels(records, panels, path, title)
 
 
 # --- one RL step ---
@@ -958,13 +944,12 @@ def flawed_teacher(cfg, rt):
     spot = {"sort": "a repeated letter", "add": "a carry into the hundreds"}[kind]  # where the teacher can err
     sets = {"all": test, "weak spot": [e for e in test if tasks.teacher_mistake(kind, e["prompt"])],
             "elsewhere": [e for e in test if not tasks.teacher_mistake(kind, e["prompt"])]}
-    _, tokenizer, _, _ = sft.load_base(taught["checkpoint"], cfg.data_dir)
     rows = []
     for name, summary in ((f"SFT on the flawed teacher ({cfg.teacher_steps} steps)", taught),
                           (f"+ {more_steps} more SFT steps (the time GRPO took)", more),
                           (f"+ GRPO, {rl['steps']} steps, reward tasks.score", rl)):
-        model = sft.load_base(summary["checkpoint"], cfg.data_dir)[0].to(rt.device).eval()
-        acc = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        model, tokenizer, _, _ = sft.load_base(summary["checkpoint"], cfg.data_dir)
+        acc = sft.task_accuracy(model.to(rt.device).eval(), tokenizer, sets, rt, cfg.max_new_tokens)
         rows.append({"method": name, **{k: round(a, 3) for k, a in acc.items()}, "seconds": summary["seconds"]})
     train.print0(f"\n{kind}/{d}, held-out greedy accuracy on {len(test)} problems; {len(sets['weak spot'])} of them "
                  f"have {spot}, where the teacher errs {cfg.teacher_error:.0%} of the time\n"

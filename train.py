@@ -390,6 +390,32 @@ def plot_runs(run_dirs, path):
     return path
 
 
+def plot_panels(records, panels, path, title, cols=4):
+    """metrics.jsonl records against their step, one panel each: panels are (title, [(key, style, right), ...]),
+    a line per key (right: on a second y axis, for two scales in one panel). Records without the key are skipped."""
+    import matplotlib  # only here, as in plot_runs
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    cols = min(cols, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.25 * cols, 3.5 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, (name, lines) in zip(axes.flat, panels):
+        for i, (key, style, right) in enumerate(lines):
+            pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+            if pts:
+                (ax.twinx() if right else ax).plot(*zip(*pts), style, color=f"C{i}")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def unigram_entropy(loader, vocab_size, batches=64):
     """Loss (nats/token) of the best model that ignores context: the entropy of the token frequencies in
     `batches` batches of the loader. A trained model must end far below it."""
