@@ -39,6 +39,17 @@ divides by it), so a long answer weighs what its tokens weigh.
 Following the project's convention, an example is (x, y) with y = -1 wherever no loss is wanted: the
 prompt, padding, and (when packing) nothing of one conversation ever sees another.
 
+## The teacher
+
+The embedded tasks' answers are a teacher's demonstrations (--teacher flawed, the default): right on most
+problems, and wrong in a systematic, documented way on a weak spot of three kinds (tasks.py: sort writes a
+repeated letter once, upper misreads "in capital letters", safety judges a request by its verb), each mistake
+made on a share of its weak spot set by --teacher-sort, --teacher-upper, --teacher-safety. SFT learns the
+teacher, mistakes included: that is the gap the later chapters (dpo.py, rlhf.py) close with a judge that checks
+answers instead of writing them. --teacher perfect gives the solver's answers everywhere. Held-out accuracy is
+reported on the weak spot and elsewhere (half of each weak-spot kind's held-out prompts are from its weak spot),
+on the same prompts that dpo.py, rlhf.py and eval.py's report use.
+
 ## Packing
 
 Conversations are short (tens of tokens) and the context is long (hundreds): padding each one to the row
@@ -91,6 +102,9 @@ from model import GPT, GPTConfig
 
 # --- config ---
 
+TEACHER_ERRORS = tasks.TEACHER_ERRORS  # the config's `tasks` field hides the module inside the class body
+
+
 @dataclass
 class SFTConfig:
     # model and data
@@ -101,6 +115,10 @@ class SFTConfig:
     kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))  # task kinds to train and evaluate on
     difficulties: list[int] = field(default_factory=lambda: [1, 2])  # task difficulties to train on
     examples_per_task: int = 2000       # training conversations per kind and difficulty (fewer if the kind has fewer)
+    teacher: str = "flawed"             # who wrote the task answers: flawed (tasks.py's teacher) or perfect (solver)
+    teacher_sort: float = TEACHER_ERRORS["sort"]      # flawed teacher: share of its weak-spot answers that
+    teacher_upper: float = TEACHER_ERRORS["upper"]    #   are wrong, per kind (tasks.py: repeated letters,
+    teacher_safety: float = TEACHER_ERRORS["safety"]  #   "capital letters", requests judged by their verb)
     pack: bool = True                   # pack several conversations per row (else one per row, padded)
     replay: float = 0.125               # share of each batch's rows that are the base model's pretraining text
     #                                     (all tokens trained): keeps it a language model; 0 = conversations only
@@ -235,15 +253,32 @@ def load_conversations(cfg, seed):
         convs, filtered = tasks.filter_conversations(convs)
         report["files"] = {"in": filtered["in"], "kept": filtered["kept"], "dropped": filtered["dropped"]}
     if cfg.tasks or (cfg.tasks is None and not cfg.data):
+        errors, rng = teacher_errors(cfg), random.Random(f"teacher:{seed}")
+        wrong = 0
         for kind in cfg.kinds:
             for d in cfg.difficulties:
-                found = [ex["messages"] for ex in tasks.generate(kind, cfg.examples_per_task, seed, "train", d)]
+                found = tasks.generate(kind, cfg.examples_per_task, seed, "train", d)
                 repeat = math.ceil(cfg.examples_per_task / max(1, len(found)))
-                convs += (found * repeat)[:cfg.examples_per_task]
+                for ex in (found * repeat)[:cfg.examples_per_task]:  # a repeated problem draws its answer again
+                    answer = tasks.teacher_answer(ex, errors, rng)
+                    wrong += answer != ex["answer"]
+                    convs.append([{"role": "user", "content": ex["prompt"]}, {"role": "assistant", "content": answer}])
                 report[f"{kind}/{d}"] = len(found)
+        report["teacher"] = {"errors": errors, "wrong_answers": wrong}
     if not convs:
         raise SFTError("no training conversations: give --data FILE or leave --tasks on")
     return convs, report
+
+
+def teacher_errors(cfg):
+    """{kind: share of the teacher's weak-spot answers that are wrong}; {} for the perfect teacher."""
+    if cfg.teacher not in ("flawed", "perfect"):
+        raise SFTError(f"--teacher {cfg.teacher!r}: choose flawed or perfect")
+    errors = {k: getattr(cfg, f"teacher_{k}") for k in tasks.TEACHER_ERRORS} if cfg.teacher == "flawed" else {}
+    for k, e in errors.items():
+        if not 0 <= e <= 1:
+            raise SFTError(f"--teacher-{k} {e}: a share of answers, between 0 and 1")
+    return errors
 
 
 def build_examples(conversations, tokenizer, seq_len, overlong):
@@ -508,8 +543,9 @@ def load_base(path, data_dir=None):
 # --- evaluation ---
 
 def eval_sets(kinds, difficulties, n, seed=0):
-    """Held-out examples per (kind, difficulty): the test split, the same prompts before and after training."""
-    return {(k, d): tasks.generate(k, n, seed, "test", d) for k in kinds for d in difficulties}
+    """Held-out examples per (kind, difficulty): the test split, the same prompts before and after training and at
+    every stage; where the teacher has a weak spot, half of them are from it (tasks.heldout marks each "weak")."""
+    return {(k, d): tasks.heldout(k, n, d, seed) for k in kinds for d in difficulties}
 
 
 @torch.no_grad()
@@ -532,6 +568,53 @@ def task_accuracy(model, tokenizer, sets, rt, max_new_tokens=32, batch=256):
             dist.all_reduce(counts)
         result[key] = (counts[0] / counts[1].clamp(min=1)).item()
     return result
+
+
+def heldout_sets(config, n=None):
+    """The held-out sets every later stage reports on, read from a checkpoint's config: the SFT run's kinds,
+    difficulties and prompt count (a DPO checkpoint's eval_kinds), so every stage answers the same prompts.
+    n overrides the count; 0 gives none."""
+    defaults = SFTConfig()
+    n = n if n is not None else config.get("eval_examples") or defaults.eval_examples
+    kinds = config.get("eval_kinds") or config.get("kinds") or defaults.kinds
+    return eval_sets(kinds, config.get("eval_difficulties") or defaults.eval_difficulties, n) if n else {}
+
+
+def heldout_accuracy(model, tokenizer, sets, rt, max_new_tokens=32):
+    """task_accuracy, and the same answers split into the teacher's weak spot and elsewhere. Returns
+    ({(kind, difficulty): accuracy}, split) where split = {"weak": {kind: acc}, "elsewhere": {kind: acc},
+    "weak_mean", "elsewhere_mean", "n_weak": {kind: prompts}}, pooled over the difficulties. Every stage reports
+    this split on the same prompts, so a gain on the weak spot cannot hide a loss elsewhere."""
+    parts = {(k, d, part): [e for e in exs if e.get("weak", False) == (part == "weak")]
+             for (k, d), exs in sets.items() for part in ("weak", "elsewhere")}
+    parts = {key: exs for key, exs in parts.items() if exs}
+    acc = task_accuracy(model, tokenizer, parts, rt, max_new_tokens)
+
+    def pooled(match):
+        keys = [key for key in parts if match(key)]
+        return sum(acc[key] * len(parts[key]) for key in keys) / sum(len(parts[key]) for key in keys)
+
+    per_difficulty = {(k, d): pooled(lambda key: key[:2] == (k, d)) for k, d in sets}
+    kinds = dict.fromkeys(k for k, _ in sets)
+    split = {part: {k: pooled(lambda key: key[0] == k and key[2] == part) for k in kinds
+                    if any(key[0] == k and key[2] == part for key in parts)} for part in ("weak", "elsewhere")}
+    split["n_weak"] = {k: sum(len(exs) for key, exs in parts.items() if key[0] == k and key[2] == "weak")
+                       for k in split["weak"]}
+    split["weak_mean"] = float(np.mean(list(split["weak"].values()))) if split["weak"] else None
+    split["elsewhere_mean"] = float(np.mean(list(split["elsewhere"].values())))
+    return per_difficulty, split
+
+
+def print_split(before, after, file=None):
+    """The weak-spot table: per kind, before -> after on the weak spot and elsewhere."""
+    out = [f"{'kind':<10} {'weak spot':>17} {'elsewhere':>17}"]
+    for k in after["elsewhere"]:
+        w = (f"{before['weak'][k]:.3f} -> {after['weak'][k]:.3f}" if k in after["weak"] else "-")
+        out.append(f"{k:<10} {w:>17} {before['elsewhere'][k]:.3f} -> {after['elsewhere'][k]:.3f}")
+    if after["weak_mean"] is not None:
+        out.append(f"{'mean':<10} {before['weak_mean']:.3f} -> {after['weak_mean']:.3f} "
+                   f"{before['elsewhere_mean']:.3f} -> {after['elsewhere_mean']:.3f}")
+    train.print0("\n".join(out))
 
 
 def by_kind(acc, difficulty=None):
@@ -655,9 +738,10 @@ def main(cfg):
         start_step = ckpt["step"]
         before = {(key.rsplit("/", 1)[0], int(key.rsplit("/", 1)[1])): v for key, v in ckpt["before"].items()}
         lm_before = ckpt["text_loss_before"]
+        split_before = ckpt.get("heldout_before")
         train.print0(f"resumed from {resume_path} at step {start_step}")
     else:
-        before = task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        before, split_before = heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
         lm_before = train.evaluate(model, lm_val, rt) if lm_val else None
         train.print0(f"before SFT: held-out greedy accuracy {np.mean(list(before.values())):.3f}"
                      + (f", text loss {lm_before:.4f} nats/token" if lm_val else ""))
@@ -676,10 +760,11 @@ def main(cfg):
     if rt.ddp:
         wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
     extra = dict(stage="sft", base=init, lora=lora, tokenizer_hash=tokenizer.hash, tokenizer_dir=data_dir,
-                 before={f"{k}/{d}": v for (k, d), v in before.items()}, text_loss_before=lm_before)
+                 before={f"{k}/{d}": v for (k, d), v in before.items()}, text_loss_before=lm_before,
+                 heldout_before=split_before)
 
     # --- loop ---
-    t_start, after, val_loss, lm_after = time.time(), None, None, None
+    t_start, after, split, val_loss, lm_after = time.time(), None, None, None, None
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
         lr = train.lr_at(step, cfg)
@@ -702,10 +787,13 @@ def main(cfg):
             line = f"step {done:>5}/{cfg.max_steps} | loss {loss:.4f} | lr {lr:.2e} | {rows / dt:,.0f} tok/s"
             if is_eval:
                 val_loss = train.evaluate(wrapped, val_batches, rt, loss_fn=sft_loss)
-                after = task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+                after, split = heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
                 record.update(val_loss=val_loss, acc=float(np.mean(list(after.values()))),
+                              acc_weak=split["weak_mean"], acc_elsewhere=split["elsewhere_mean"],
                               **{f"acc/{k}/{d}": a for (k, d), a in after.items()})
                 line += f" | val loss {val_loss:.4f} | held-out accuracy {record['acc']:.3f}"
+                if split["weak_mean"] is not None:
+                    line += f" (weak spot {split['weak_mean']:.3f}, elsewhere {split['elsewhere_mean']:.3f})"
                 if lm_val:
                     record["val_lm_loss"] = lm_after = train.evaluate(wrapped, lm_val, rt)
                     line += f" | text loss {lm_after:.3f} (before {lm_before:.3f})"
@@ -720,8 +808,9 @@ def main(cfg):
 
     # --- save ---
     if after is None:  # resumed at max_steps: nothing ran
-        after = task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        after, split = heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
     print_table(before, after)
+    print_split(split_before, split)
     ckpt_path = train.list_checkpoints(cfg.out_dir)[-1] if rt.master else None
     summary = {"stage": "sft", "base": init, "checkpoint": ckpt_path, "steps": cfg.max_steps,
                "seconds": round(time.time() - t_start, 1), "val_loss": val_loss, "lora": lora,
@@ -730,7 +819,8 @@ def main(cfg):
                "before": by_kind(before, min(cfg.eval_difficulties)),
                "after": by_kind(after, min(cfg.eval_difficulties)),
                "before_by_difficulty": {f"{k}/{d}": a for (k, d), a in before.items()},
-               "after_by_difficulty": {f"{k}/{d}": a for (k, d), a in after.items()}}
+               "after_by_difficulty": {f"{k}/{d}": a for (k, d), a in after.items()},
+               "teacher": report.get("teacher"), "heldout": {"before": split_before, "after": split}}
     if rt.master:
         if lora:
             adapter = os.path.join(cfg.out_dir, "adapter.pt")

@@ -248,6 +248,29 @@ def sft_cfg(pretrained, out_dir, **kw):
     return sft.SFTConfig(**{**base, **kw})
 
 
+def test_the_default_data_are_the_flawed_teachers_and_perfect_is_the_solver():
+    cfg = sft.SFTConfig(kinds=["sort", "upper", "copy"], difficulties=[2], examples_per_task=600)
+    flawed, report = sft.load_conversations(cfg, 0)
+    perfect, _ = sft.load_conversations(replace(cfg, teacher="perfect"), 0)
+    assert [c[0] for c in flawed] == [c[0] for c in perfect]  # the same prompts, only answers differ
+    kinds = ["sort"] * 600 + ["upper"] * 600 + ["copy"] * 600
+    for kind, f, p in zip(kinds, flawed, perfect):
+        assert tasks.score(kind, p[0]["content"], p[1]["content"])  # the perfect teacher is the solver
+        if f[1]["content"] != p[1]["content"]:
+            assert tasks.weak_spot(kind, f[0]["content"]), f  # mistakes only on the weak spot
+    wrong = {k: sum(f[1] != p[1] for kk, f, p in zip(kinds, flawed, perfect) if kk == k) for k in ("sort", "upper",
+                                                                                                    "copy")}
+    weak = {k: sum(tasks.weak_spot(kk, f[0]["content"]) for kk, f in zip(kinds, flawed) if kk == k)
+            for k in ("sort", "upper")}
+    assert wrong["copy"] == 0 and report["teacher"]["wrong_answers"] == sum(wrong.values())
+    assert abs(wrong["sort"] / weak["sort"] - cfg.teacher_sort) < 0.15, (wrong, weak)
+    assert abs(wrong["upper"] / weak["upper"] - cfg.teacher_upper) < 0.15, (wrong, weak)
+    none, _ = sft.load_conversations(replace(cfg, teacher_upper=0.0), 0)
+    assert all(n[1] == p[1] for k, n, p in zip(kinds, none, perfect) if k == "upper")  # a rate per kind
+    with pytest.raises(sft.SFTError, match="--teacher-sort 1.5"):
+        sft.load_conversations(replace(cfg, teacher_sort=1.5), 0)
+
+
 def test_sft_raises_held_out_accuracy(pretrained, tmp_path):
     summary = sft.main(sft_cfg(pretrained, tmp_path / "sft"))
     before, after = summary["before"]["copy"], summary["after"]["copy"]
