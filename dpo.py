@@ -89,6 +89,7 @@ import os
 import random
 import re
 import resource
+import shutil
 import sys
 import time
 from collections import Counter
@@ -115,15 +116,18 @@ class DPOConfig:
     init: str | None = None             # SFT checkpoint (file or run folder) to align; None = newest in out/sft
     data_dir: str | None = None         # folder whose tokenizer to use; None = the one the checkpoint names
     pairs: str | None = None            # JSONL preference pairs; None = on-policy pairs from the embedded tasks
-    kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))  # task kinds for pairs and evaluation
+    kinds: list[str] = field(default_factory=lambda: list(tasks.TEACHER_ERRORS))  # task kinds for on-policy pairs:
+    #                                     where the SFT teacher was flawed and the judge (tasks.score) knows better
     difficulties: list[int] | None = None  # pair difficulties; None = per kind, those of the SFT run where a greedy
     #                                        probe of --probe-prompts training prompts is neither all right nor wrong
     probe_prompts: int = 32             # training prompts per kind and difficulty in that probe
-    prompts_per_task: int = 48          # on-policy: training prompts sampled per kind and difficulty
+    prompts_per_task: int = 128         # on-policy: training prompts sampled per kind and difficulty
     samples: int = 8                    # on-policy: answers sampled per prompt (k)
     temperature: float = 1.0            # on-policy sampling temperature (and of the sampled evaluation)
     pairs_per_prompt: int = 2           # on-policy: at most this many (right, wrong) pairs per prompt
     val_fraction: float = 0.1           # share of the prompts whose pairs are held out (reward accuracy)
+    rounds: int = 1                     # iterative DPO: rounds of (sample pairs from the current model, align it,
+    #                                     it becomes the next reference), --max-steps each, in out_dir/round<r>
     overlong: str = "truncate"          # a pair longer than the context: truncate the prompt's left, or drop it
     # loss
     loss: str = "dpo"                   # dpo (sigmoid), ipo, cdpo (label smoothing) or simpo
@@ -157,7 +161,9 @@ class DPOConfig:
     seed: int = 1337                    # prompts, sampling, pair order, held-out split
     # evaluation, logging, checkpoints
     eval_every: int = 50                # steps between held-out evaluations (task accuracy, held-out pairs)
-    eval_examples: int = 50             # held-out prompts per kind and difficulty
+    eval_kinds: list[str] | None = None  # kinds evaluated; None = those of the SFT run (all: a gain on the weak
+    #                                      spots must not be bought elsewhere)
+    eval_examples: int | None = None    # held-out prompts per kind and difficulty; None = as many as the SFT run
     eval_difficulties: list[int] | None = None  # difficulties evaluated; None = those the SFT run evaluated
     max_new_tokens: int = 24            # answer length limit when sampling pairs and evaluating
     log_every: int = 10                 # steps between progress lines and metrics.jsonl records
@@ -554,13 +560,15 @@ def pair_metrics(cfg, stats, rt):
     s = torch.cat(stats, dim=1).to(rt.device)              # (8, pairs)
     pref, nll, pc, pr, rc, rr, nc, nr = s
     wc, wr = implicit_rewards(cfg, pc, pr, rc, rr, nc, nr)
+    # ref_logratio: log pi_ref - log pi of the pair's answers (summed over an answer's tokens, averaged over its two
+    # answers). Not a KL: the answers were not sampled from pi, so it goes negative once pi raises the chosen ones.
     cols = torch.stack([pref, nll, (wc > wr).float() + 0.5 * (wc == wr).float(), wc, wr, wc - wr, pc, pr,
                         0.5 * ((rc - pc) + (rr - pr)), 0.5 * (nc + nr)])
     sums = torch.cat([cols.sum(dim=1), torch.tensor([s.size(1)], dtype=torch.float32, device=rt.device)])
     if rt.ddp:
         dist.all_reduce(sums)
     names = ("pref_loss", "sft_loss", "reward_acc", "reward_chosen", "reward_rejected", "margin", "logp_chosen",
-             "logp_rejected", "kl", "answer_len")
+             "logp_rejected", "ref_logratio", "answer_len")
     return {k: (v / sums[-1]).item() for k, v in zip(names, sums[:-1])}
 
 
@@ -623,7 +631,9 @@ def derive(cfg, sft_config):
     return replace(cfg, beta=beta, lr=cfg.lr if cfg.lr is not None else (1e-4 if cfg.lora_rank else 1e-5),
                    warmup_steps=cfg.max_steps // 10 if cfg.warmup_steps is None else cfg.warmup_steps,
                    lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank,
-                   eval_difficulties=cfg.eval_difficulties or sft_config.get("eval_difficulties") or [1])
+                   eval_difficulties=cfg.eval_difficulties or sft_config.get("eval_difficulties") or [1],
+                   eval_examples=cfg.eval_examples or sft_config.get("eval_examples") or 100,
+                   eval_kinds=cfg.eval_kinds or sft_config.get("kinds") or list(tasks.KINDS))
 
 
 def check(cfg):
@@ -631,7 +641,7 @@ def check(cfg):
                  "samples", "prompts_per_task", "pairs_per_prompt", "probe_prompts"):
         if getattr(cfg, name) < 1:
             raise DPOError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
-    unknown = [k for k in cfg.kinds if k not in tasks.KINDS]
+    unknown = [k for k in cfg.kinds + (cfg.eval_kinds or []) if k not in tasks.KINDS]
     if unknown:
         raise DPOError(f"--kinds {' '.join(unknown)}: unknown; choose from {', '.join(tasks.KINDS)}")
     if not 0 <= cfg.label_smoothing < 0.5:
@@ -694,6 +704,10 @@ def main(cfg):
     if resume_path == "auto":
         found = train.list_checkpoints(cfg.out_dir)
         resume_path = found[-1] if found else None
+    if not resume_path and rt.master:  # a fresh run: pipeline.sh must not take the folder for done, nor keep its eval
+        for old in (os.path.join(cfg.out_dir, f) for f in ("summary.json", "eval.json")):
+            if os.path.exists(old):
+                os.remove(old)
     if resume_path and os.path.exists(pairs_path):  # the pairs this run was training on
         pairs, report = tokenize_pairs(read_pairs(pairs_path)[0], tokenizer, model.config.block_size, cfg.overlong)
         if cfg.loss != "simpo":
@@ -706,7 +720,7 @@ def main(cfg):
     loader = PairLoader(train_pairs, cfg.batch_size, tokenizer.eot_id, rt.rank, rt.world_size, cfg.seed)
     val_batches = [train.to_device(collate(val_pairs[i:i + cfg.batch_size], tokenizer.eot_id), rt)
                    for i in range(0, len(val_pairs), cfg.batch_size)][rt.rank::rt.world_size]
-    sets = sft.eval_sets(cfg.kinds, cfg.eval_difficulties, cfg.eval_examples)
+    sets = sft.eval_sets(cfg.eval_kinds, cfg.eval_difficulties, cfg.eval_examples)  # SFT's held-out prompts
 
     # --- model ---
     reference, lora = None, None
@@ -735,10 +749,11 @@ def main(cfg):
         start_step, before, best = ckpt["step"], ckpt["before"], ckpt["best"]
         train.print0(f"resumed from {resume_path} at step {start_step}")
     else:
-        greedy = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
-        before = {"greedy": keyed(greedy), **(sampled_report(model, tokenizer, sets, rt, cfg) if rt.master else {})}
+        greedy, split = sft.heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        before = {"greedy": keyed(greedy), "heldout": split,
+                  **(sampled_report(model, tokenizer, sets, rt, cfg) if rt.master else {})}
         before["sampled"] = keyed(before.get("sampled", {}))
-        best = {"step": 0, "acc": float(np.mean(list(greedy.values())))}
+        best = {"step": 0, "acc": float(np.mean(list(greedy.values()))), "heldout": split}
         train.print0(f"before DPO: held-out greedy accuracy {best['acc']:.3f}")
     extra.update(before=before)
     metrics_path = os.path.join(cfg.out_dir, "metrics.jsonl")
@@ -757,7 +772,7 @@ def main(cfg):
         wrapped = DDP(wrapped, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     # --- loop ---
-    after, at_ln2, stats = None, 0, {}
+    after, split, at_ln2, stats = None, None, 0, {}
     for step in range(start_step, cfg.max_steps):
         t0 = time.time()
         lr = train.lr_at(step, cfg)
@@ -782,19 +797,23 @@ def main(cfg):
                       "pairs_per_sec": round(count_pairs(micro[0]) * len(micro) * rt.world_size / dt, 1)}
             line = (f"step {done:>4}/{cfg.max_steps} | loss {loss:.4f} | pref {stats['pref_loss']:.4f} | reward acc "
                     f"{stats['reward_acc']:.2f} | margin {stats['margin']:+.3f} | logp chosen "
-                    f"{stats['logp_chosen']:.2f} rejected {stats['logp_rejected']:.2f} | kl {stats['kl']:.3f}")
+                    f"{stats['logp_chosen']:.2f} rejected {stats['logp_rejected']:.2f} | ref_logratio "
+                    f"{stats['ref_logratio']:+.3f}")
             if is_eval:
-                after = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+                after, split = sft.heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
                 acc = float(np.mean(list(after.values())))
-                record.update(acc=acc, **{f"acc/{k}": a for k, a in keyed(after).items()})
+                record.update(acc=acc, acc_weak=split["weak_mean"], acc_elsewhere=split["elsewhere_mean"],
+                              **{f"acc/{k}": a for k, a in keyed(after).items()})
                 if val_batches:
                     record.update({f"val_{k}": v for k, v in evaluate_pairs(wrapped, loss_fn, val_batches,
                                                                             rt).items()})
                 line += f"\n      held-out accuracy {acc:.3f}"
+                if split["weak_mean"] is not None:
+                    line += f" (weak spot {split['weak_mean']:.3f}, elsewhere {split['elsewhere_mean']:.3f})"
                 if val_batches:
                     line += f" | held-out pairs: reward acc {record['val_reward_acc']:.2f}"
                 if acc > best["acc"] + 1e-9:  # strictly better: a tie keeps the earlier (closer to the reference)
-                    best = {"step": done, "acc": acc}
+                    best = {"step": done, "acc": acc, "heldout": split}
                     line += " (best so far: kept in best/)"
                     if rt.master:
                         train.save_checkpoint(best_dir, done, model, optimizer, cfg, loader.state_dict(), 1,
@@ -809,9 +828,11 @@ def main(cfg):
 
     # --- save ---
     if after is None:  # resumed at max_steps: nothing ran
-        after = sft.task_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
+        after, split = sft.heldout_accuracy(model, tokenizer, sets, rt, cfg.max_new_tokens)
     end_report = sampled_report(model, tokenizer, sets, rt, cfg) if rt.master else {}
     sft.print_table(unkeyed(before["greedy"]), after)
+    if before.get("heldout"):
+        sft.print_split(before["heldout"], split)
     train.print0(f"best held-out greedy accuracy {best['acc']:.3f} at step {best['step']} (in {best_dir})")
     peak = (torch.cuda.max_memory_allocated() if rt.device_type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
@@ -825,6 +846,7 @@ def main(cfg):
                                                       "file": pairs_path, **report},
                "before": sft.by_kind(unkeyed(before["greedy"])), "after": sft.by_kind(after),
                "before_by_difficulty": before["greedy"], "after_by_difficulty": keyed(after),
+               "heldout": {"before": before.get("heldout"), "after": split, "best": best.get("heldout")},
                "before_sampled": before.get("sampled"), "after_sampled": keyed(end_report.get("sampled", {})),
                "safety": {"before": {k: before.get(k) for k in ("refusal", "over_refusal")},
                           "after": {k: end_report.get(k) for k in ("refusal", "over_refusal")}},
@@ -838,6 +860,37 @@ def main(cfg):
                      f"{os.path.join(cfg.out_dir, 'summary.json')}")
     if rt.ddp:
         dist.barrier()
+    return summary
+
+
+def iterate(cfg):
+    """Iterative DPO (Xu et al. 2023, "Some things are more CRINGE than others"; Pang et al. 2024): one round is
+    a whole main() run; round r + 1 starts from round r's best checkpoint, samples its pairs from that model and
+    uses it as the reference. The pairs stay on-policy as the policy moves, where one round's pairs describe only
+    the SFT model's mistakes. out_dir/summary.json is the last round's, with the first round's "before" and every
+    round's figures; out_dir/best is the last round's best checkpoint (what rlhf.py and pipeline.sh go on from)."""
+    rounds, init, first, seconds = [], cfg.init, None, 0.0
+    for old in ("summary.json", "eval.json"):  # nothing of an earlier run may pass for this one's
+        if os.path.exists(os.path.join(cfg.out_dir, old)):
+            os.remove(os.path.join(cfg.out_dir, old))
+    for r in range(1, cfg.rounds + 1):
+        s = main(replace(cfg, init=init, rounds=1, seed=cfg.seed + r - 1,
+                         out_dir=os.path.join(cfg.out_dir, f"round{r}")))
+        first, seconds = first or s, seconds + s["seconds"]
+        rounds.append({"round": r, "init": init, "pairs": s["pairs"]["train"], "best": s["best"],
+                       "heldout_after": s["heldout"]["after"]})
+        init = s["checkpoint"]
+    best_dir = os.path.join(cfg.out_dir, "best")
+    os.makedirs(best_dir, exist_ok=True)
+    for old in train.list_checkpoints(best_dir):
+        os.remove(old)
+    kept = os.path.join(best_dir, os.path.basename(init))
+    shutil.copyfile(init, kept + ".tmp")
+    os.replace(kept + ".tmp", kept)
+    summary = {**s, "checkpoint": kept, "rounds": rounds, "before": first["before"],
+               "before_by_difficulty": first["before_by_difficulty"],
+               "heldout": {**s["heldout"], "before": first["heldout"]["before"]}, "seconds": seconds}
+    sft.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
     return summary
 
 
@@ -856,6 +909,8 @@ def cli(argv=None):
             pairs, report = build_pairs(model.to(rt.device).eval(), tokenizer, cfg, ckpt.get("config", {}), rt,
                                         os.path.join(cfg.out_dir, "pairs.jsonl"))
             print(f"wrote {len(pairs)} pairs to {os.path.join(cfg.out_dir, 'pairs.jsonl')}: {report}")
+        elif cfg.rounds > 1:
+            iterate(cfg)
         else:
             main(cfg)
     except (train.TrainError, data.DataError, tasks.TaskError) as e:

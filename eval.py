@@ -714,6 +714,7 @@ RESULTS = [  # (label, field) or (label, (before field, after field)): the stage
     ("best-of-n accuracy with the reward model", "best_of_n/accuracy"), ("answers sampled", "compute/answers"),
     ("tokens sampled", "compute/tokens_sampled"), ("last step: reward", "train_metrics/reward"),
     ("last step: reward accuracy", "train_metrics/reward_acc"), ("last step: KL to the reference", "train_metrics/kl"),
+    ("last step: mean log pi_ref/pi of the pairs' answers (DPO; not a KL)", "train_metrics/ref_logratio"),
     ("peak memory, MB", "peak_memory_mb")]
 EVAL_ROWS = [  # (label, flattened eval.json key); a * stands for one or more parts, written into the label's {}
     ("val loss, nats/token", "lm/val_loss"), ("val bits per byte", "lm/val_bpb"),
@@ -730,7 +731,8 @@ EVAL_ROWS = [  # (label, flattened eval.json key); a * stands for one or more pa
 CURVES = [  # (panel title, metrics.jsonl keys): drawn for a run folder that has no PNG of its own
     ("loss (line: train, dots: held-out)", ("loss", "val_loss")), ("text loss", ("val_lm_loss",)),
     ("held-out accuracy", ("acc",)), ("preference loss", ("pref_loss",)), ("reward accuracy", ("reward_acc",)),
-    ("margin", ("margin",)), ("KL to the reference", ("kl",)), ("reward", ("reward",))]
+    ("margin", ("margin",)), ("KL to the reference", ("kl",)), ("reward", ("reward",)),
+    ("log pi_ref/pi of the pairs' answers (not a KL)", ("ref_logratio",))]
 
 
 def _fmt(v):
@@ -911,6 +913,34 @@ def _overview(runs, root):
     return "## Overview\n\n" + _md_table(rows, ["stage", "started from", "seconds", "what it moved, before → after"])
 
 
+def _weak_spots(runs):
+    """Each chat stage's held-out accuracy on the teacher's weak spots and elsewhere (summary.json "heldout"), the
+    same prompts for every stage, per kind."""
+    runs = [r for r in runs if (r["summary"] or {}).get("heldout", {}).get("after")]
+    if not runs:
+        return None
+    first = runs[0]["summary"]["heldout"]["after"]
+    kinds = list(first["elsewhere"])
+    rows = [("**weak spots, mean**", *(_arrow("", (h := r["summary"]["heldout"]).get("before", {}).get("weak_mean"),
+                                                h["after"].get("weak_mean")) for r in runs)),
+            ("**elsewhere, mean**", *(_arrow("", r["summary"]["heldout"].get("before", {}).get("elsewhere_mean"),
+                                             r["summary"]["heldout"]["after"].get("elsewhere_mean")) for r in runs))]
+    for part in ("weak", "elsewhere"):
+        for k in kinds:
+            if k in first[part]:
+                rows.append((f"{k}, {'weak spot' if part == 'weak' else 'elsewhere'}",
+                             *(_arrow("", (r["summary"]["heldout"].get("before") or {}).get(part, {}).get(k),
+                                      r["summary"]["heldout"]["after"][part].get(k)) for r in runs)))
+    return ("## The teacher's weak spots\n\nThis is a designed experiment. The SFT data are a flawed teacher's "
+            "demonstrations (tasks.py): right on most problems, and wrong in a documented way on a weak spot of a "
+            "few kinds (sort writes a repeated letter once, upper misreads \"in capital letters\", safety judges a "
+            "request by its verb). SFT imitates the teacher; the later stages are judged by a verifier "
+            "(tasks.score) that knows the right answer, which is the reason preference alignment exists in "
+            "practice: judging an answer is easier than writing one. Greedy held-out accuracy, before → after "
+            "each stage, on the same prompts (half of each weak-spot kind's prompts are from its weak spot):\n\n"
+            + _md_table(rows, ["", *(r["name"] for r in runs)]))
+
+
 def _eval_table(evals, root):
     """EVAL_ROWS, each * expanded over the keys the eval.json files hold, with a column per stage."""
     flat = [dict(flatten(r)) for _, r in evals]
@@ -1034,6 +1064,8 @@ def build_report(root, out=None):
             "evaluation table scores each stage's checkpoint with one eval.py setting (its eval.json). A dash: the "
             "file does not hold that figure.",
             _overview(runs, root)]
+    weak = _weak_spots(runs)
+    text += [weak] if weak else []
     text += [_stage_section(r, root, report_dir) for r in runs]
     if evals:
         text.append(_eval_table(evals, root))

@@ -15,7 +15,7 @@ near the reference (the model it started from). One file, top to bottom:
 
 Run it (CPU: add --threads 1 on a shared 2-core machine):
 
-    python train.py && python sft.py && python rlhf.py    # GRPO, verifiable rewards, newest out/dpo or out/sft
+    python train.py && python sft.py && python rlhf.py    # GRPO, verifiable rewards, from out/dpo/best or out/sft
     python rlhf.py --algo ppo                             # PPO with a value model, reward from tasks.score
     python rlhf.py --train-reward-model                   # a Bradley-Terry reward model into out/reward_model
     python rlhf.py --algo ppo --reward model              # PPO on the learned reward: watch it over-optimise
@@ -121,7 +121,7 @@ from model import GPT, GPTConfig
 @dataclass
 class RLConfig:
     # what to run
-    init: str | None = None             # checkpoint to start from; None = newest in out/dpo, else out/sft
+    init: str | None = None             # checkpoint to start from; None = DPO's pick (out/dpo/best), else out/sft
     data_dir: str | None = None         # folder whose tokenizer to use; None = the one the checkpoint names
     algo: str = "grpo"                  # grpo or ppo
     reward: str = "tasks"               # tasks (tasks.score: 1 right, 0 wrong) or model (the reward model)
@@ -130,12 +130,14 @@ class RLConfig:
     flawed_teacher: bool = False        # the experiment: SFT on a flawed teacher, then GRPO against more SFT
     compare: bool = False               # best-of-n, DPO, PPO (tasks), PPO (model) and GRPO from the same --init
     # tasks
-    kinds: list[str] = field(default_factory=lambda: list(tasks.KINDS))  # task kinds to train and evaluate on
+    kinds: list[str] = field(default_factory=lambda: list(tasks.TEACHER_ERRORS))  # task kinds to train on: where
+    #                                     the SFT teacher was flawed and the verifier knows better (BENCHMARKS.md:
+    #                                     on arithmetic and counting RL sharpened guesses and gained nothing)
     difficulties: list[int] | None = None  # None = per kind, those whose greedy probe is in [probe_min, probe_max]
     probe_prompts: int = 32             # training prompts per kind and difficulty in that probe
     probe_min: float = 0.05             # below: too hard, every reward is 0 (no signal)
-    probe_max: float = 0.8              # above: nearly solved, little to gain
-    max_sets: int | None = 3            # keep the sets where sampling beats greedy most (pass@k - greedy); None = all
+    probe_max: float = 0.95             # above: nearly solved, little to gain
+    max_sets: int | None = None         # keep the sets where sampling beats greedy most (pass@k - greedy); None = all
     pool_size: int = 500                # training prompts per kind and difficulty to draw rollouts from
     # rollouts
     prompts_per_step: int | None = None  # prompts per rollout; None = 32
@@ -162,12 +164,14 @@ class RLConfig:
     samples: int = 8                    # reward model, on-policy: answers sampled per prompt
     pairs_per_prompt: int = 2           # reward model, on-policy: at most this many (right, wrong) pairs per prompt
     val_fraction: float = 0.15          # reward model: share of prompts whose pairs are held out
+    label_noise: float = 0.0            # reward model: share of training pairs whose label is flipped (labellers
+    #                                     disagree; InstructGPT's agreed ~73%); the held-out pairs stay clean
     overlong: str = "truncate"          # reward model: a pair longer than the context: truncate or drop
     best_of_n: int = 8                  # answers per prompt of the best-of-n baseline (with a reward model)
     # optimization
     batch_size: int = 16                # reward model: pairs per step
     micro_batch: int = 64               # rows per forward in the RL updates (gradient accumulation beyond it)
-    max_steps: int | None = None        # reward model steps or RL rollouts; None = 300 (RM), 60 (ppo), 30 (grpo)
+    max_steps: int | None = None        # reward model steps or RL rollouts; None = 300 (RM), 60 (ppo and grpo)
     lr: float | None = None             # peak learning rate; None = 3e-4 (reward model), 5e-5 (ppo), 1e-4 (grpo)
     min_lr_frac: float = 1.0            # final learning rate as a fraction of --lr (1 = constant)
     warmup_steps: int = 0               # linear warmup steps
@@ -183,7 +187,9 @@ class RLConfig:
     seed: int = 1337                    # prompts, sampling
     # evaluation, logging, checkpoints
     eval_every: int = 10                # steps between held-out greedy evaluations
-    eval_examples: int = 50             # held-out prompts per kind and difficulty
+    eval_examples: int = 50             # held-out prompts per kind and difficulty of the sets trained on
+    heldout_examples: int | None = None  # held-out prompts per kind and difficulty of every kind, the SFT run's
+    #                                      (weak spot and elsewhere, before and after); None = the SFT run's; 0 = skip
     pass_k: int = 8                     # k of pass@k (before and after); 0 = skip
     pass_examples: int = 20             # held-out prompts per kind and difficulty for pass@k and best-of-n
     log_every: int = 5                  # steps between progress lines
@@ -240,10 +246,12 @@ def whiten(x, mask, eps=1e-8):
 
 
 def clipped_surrogate(logp, logp_old, adv, eps):
-    """PPO's policy loss per token, max(-A rho, -A clip(rho, 1-eps, 1+eps)), and where the clip is active."""
+    """PPO's policy loss per token, max(-A rho, -A clip(rho, 1-eps, 1+eps)), and where the clip is active: where the
+    clipped branch wins (rho past 1 + eps with A > 0, or below 1 - eps with A < 0) and the gradient is zero. Past
+    the range on the other side the unclipped term wins and still pulls rho back: not counted (TRL's pg_clipfrac)."""
     ratio = torch.exp(logp - logp_old)
     loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps))
-    return loss, ((ratio - 1).abs() > eps).float()
+    return loss, (((ratio > 1 + eps) & (adv > 0)) | ((ratio < 1 - eps) & (adv < 0))).float()
 
 
 def clipped_value_loss(v, v_old, returns, eps):
@@ -386,12 +394,15 @@ def rollout_batch(ro, pad_id):
 
 
 @torch.no_grad()
-def token_stats(model, x, y, rt, micro):
-    """Per-token log-probs and entropies (B, T) of the targets, in chunks of micro rows."""
+def token_stats(model, x, y, rt, micro, temperature=1.0):
+    """Per-token log-probs and entropies (B, T) of the targets, in chunks of micro rows, under the distribution the
+    answers were sampled from: softmax(logits / temperature). The policy (old and new), the reference and the loss
+    all read that one, so the ratio is 1 and k3 is 0 at the start whatever --temperature (TRL divides alike)."""
     logps, ents = [], []
     for i in range(0, x.size(0), micro):
         with rt.autocast():
             logits, _ = model(x[i:i + micro])
+        logits = logits.float() / temperature
         logps.append(dpo.token_logps(logits, y[i:i + micro]))
         ents.append(entropy(logits) * (y[i:i + micro] != -1))
     return torch.cat(logps), torch.cat(ents)
@@ -445,6 +456,35 @@ def plot(records, path, title):
     return train.plot_panels(records, panels, path, title)
 
 
+def overoptimisation_plot(records, path, title):
+    """Gao et al. 2022, figure 1, for one run: against the KL from the reference (nats per answer, on a square-root
+    axis as theirs), the proxy reward the policy is trained on (the reward model's mean score on the rollouts)
+    and the true reward (tasks.score on the same rollouts, and held-out greedy accuracy where it was measured).
+    Over-optimisation is the proxy still rising while the true reward has turned down."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    pts = [r for r in records if isinstance(r.get("kl"), (int, float))]
+    x = [math.sqrt(max(r["kl"], 0.0)) for r in pts]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    ax.plot(x, [r["true_acc"] for r in pts], ".", color="C1", alpha=0.5, label="true accuracy of the rollouts")
+    held = [(math.sqrt(max(r["kl"], 0.0)), r["acc"]) for r in pts if "acc" in r]
+    if held:
+        ax.plot(*zip(*held), "o-", color="C2", label="held-out greedy accuracy (tasks.score)")
+    ax.set_xlabel("sqrt(KL from the reference), sqrt(nats / answer)")
+    ax.set_ylabel("true reward")
+    proxy = ax.twinx()
+    proxy.plot(x, [r["reward"] for r in pts], "-", color="C0", label="proxy reward (the reward model)")
+    proxy.set_ylabel("proxy reward")
+    fig.legend(loc="lower center", ncol=3, fontsize=7)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 # --- one RL step ---
 
 class ActorCritic(nn.Module):
@@ -461,7 +501,7 @@ def ppo_loss_fn(cfg, stats):
         x, y, old, v_old, adv, ret = batch
         mask = (y != -1).float()
         logits, _ = model.policy(x)
-        pg, clipped = clipped_surrogate(dpo.token_logps(logits, y), old, adv, cfg.clip)
+        pg, clipped = clipped_surrogate(dpo.token_logps(logits / cfg.temperature, y), old, adv, cfg.clip)
         v, _ = model.value(x)
         vf = clipped_value_loss(v[..., 0], v_old, ret, cfg.value_clip)
         stats.append(torch.stack([(clipped * mask).sum(), (vf * mask).sum(), mask.sum()]).detach())
@@ -474,11 +514,19 @@ def grpo_loss_fn(cfg, stats):
         x, y, old, ref, adv = batch
         mask = (y != -1).float()
         logits, _ = model(x)
-        logp = dpo.token_logps(logits, y)
+        logp = dpo.token_logps(logits / cfg.temperature, y)
         pg, clipped = clipped_surrogate(logp, old, adv, cfg.clip)
         stats.append(torch.stack([(clipped * mask).sum(), torch.zeros(()), mask.sum()]).detach())
         return ((pg + cfg.kl_coef * k3(logp, ref)) * mask).sum()
     return loss_fn
+
+
+def ppo_rewards(old, ref, mask, scores, last, kl_coef):
+    """PPO's per-token rewards (B, T): -beta (log pi_old - log pi_ref) on every answer token, plus the score (B,) on
+    each row's last answer token (index last, (B,))."""
+    rewards = -kl_coef * (old - ref) * mask
+    rewards[torch.arange(old.size(0), device=old.device), last] += scores
+    return rewards
 
 
 def count_answer_tokens(batch):
@@ -506,18 +554,16 @@ def rl_step(cfg, ro, policy, reference, value, module, optimizer, rt, pad_id, en
     """One rollout's update (PPO or GRPO) -> the step's metrics."""
     x, y, last = (t.to(rt.device) for t in rollout_batch(ro, pad_id))
     mask = (y != -1).float()
-    old, ent = token_stats(policy, x, y, rt, cfg.micro_batch)
-    ref, _ = token_stats(reference, x, y, rt, cfg.micro_batch)
+    old, ent = token_stats(policy, x, y, rt, cfg.micro_batch, cfg.temperature)
+    ref, _ = token_stats(reference, x, y, rt, cfg.micro_batch, cfg.temperature)
     scores = torch.tensor(ro.scores, device=rt.device)
-    rows = torch.arange(x.size(0), device=rt.device)
     stats, metrics = [], {}
     if cfg.algo == "ppo":
         with torch.no_grad(), rt.autocast():
             values = torch.cat([value(x[i:i + cfg.micro_batch])[0][..., 0] for i in range(0, x.size(0),
                                                                                       cfg.micro_batch)]).float()
         values = values * mask
-        rewards = -cfg.kl_coef * (old - ref) * mask
-        rewards[rows, last] += scores                     # the score sits on the last answer token
+        rewards = ppo_rewards(old, ref, mask, scores, last, cfg.kl_coef)
         adv, ret = gae(rewards, values, mask, cfg.gamma, cfg.lam)
         resid, m = (ret - values)[mask.bool()], ret[mask.bool()]
         metrics["explained_var"] = float(1 - resid.var() / m.var().clamp(min=1e-8))
@@ -544,9 +590,20 @@ def rl_step(cfg, ro, policy, reference, value, module, optimizer, rt, pad_id, en
 # --- main: setup shared by every mode ---
 
 def find_init(path):
-    """The checkpoint to start from: path, or the newest in out/dpo when there is one, else in out/sft."""
-    if path is None and train.list_checkpoints("out/dpo"):
-        path = "out/dpo"
+    """The checkpoint to start from: path, or the one DPO picked to go on from (the `checkpoint` of
+    out/dpo/summary.json, in out/dpo/best; while a DPO run is unfinished, its best so far), else the newest in
+    out/sft. Not DPO's last step: dpo.py keeps the best held-out accuracy apart because the last can be worse."""
+    if path is None:
+        named = None
+        if os.path.exists("out/dpo/summary.json"):
+            with open("out/dpo/summary.json") as f:
+                named = json.load(f).get("checkpoint")
+        if named and os.path.exists(named):
+            path = named
+        elif train.list_checkpoints("out/dpo/best"):
+            path = "out/dpo/best"
+        elif train.list_checkpoints("out/dpo"):
+            path = "out/dpo"
     try:
         return sft.find_init(path, "out/sft", "python sft.py")
     except sft.SFTError as e:
@@ -559,7 +616,7 @@ def derive(cfg):
     mode_dir = ("out/reward_model" if rm else "out/flawed_teacher" if cfg.flawed_teacher else
                 "out/compare" if cfg.compare else "out/rlhf")
     return replace(cfg, out_dir=cfg.out_dir or mode_dir,
-                   max_steps=cfg.max_steps or (300 if rm else 60 if ppo else 30),
+                   max_steps=cfg.max_steps or (300 if rm else 60),
                    lr=cfg.lr if cfg.lr is not None else (3e-4 if rm else 5e-5 if ppo else 1e-4),
                    prompts_per_step=cfg.prompts_per_step or 32,
                    kl_coef=cfg.kl_coef if cfg.kl_coef is not None else (0.05 if ppo else 0.02),
@@ -582,6 +639,8 @@ def check(cfg):
     if cfg.teacher_difficulty > tasks.MAX_DIFFICULTY[cfg.teacher_kind]:
         raise RLError(f"--teacher-difficulty {cfg.teacher_difficulty}: {cfg.teacher_kind} goes up to "
                       f"{tasks.MAX_DIFFICULTY[cfg.teacher_kind]}")
+    if not 0 <= cfg.label_noise < 0.5:
+        raise RLError(f"--label-noise {cfg.label_noise}: a share of flipped labels, 0 <= p < 0.5")
     if cfg.temperature <= 0:
         raise RLError(f"--temperature {cfg.temperature}: RL samples its answers; use a temperature above 0")
     if not (0 < cfg.clip < 1 and 0 <= cfg.lam <= 1 and 0 < cfg.gamma <= 1):
@@ -621,7 +680,7 @@ def choose_sets(model, tokenizer, cfg, base_config, rt):
                                                          for e, ans in zip(exs, answers)]))
             gap = {key: probe[key]["pass@k"] - probe[key]["greedy"] for key in keys}
             keys = sorted(sorted(keys, key=lambda key: -gap[key])[:cfg.max_sets])
-    sets = {(k, d): tasks.generate(k, cfg.eval_examples, 0, "test", d) for k, d in keys}
+    sets = {(k, d): tasks.heldout(k, cfg.eval_examples, d) for k, d in keys}
     pool = [e for k, d in keys for e in tasks.generate(k, cfg.pool_size, cfg.seed, "train", d)]
     return sets, pool, probe
 
@@ -634,9 +693,10 @@ def check_lengths(examples, tokenizer, block_size, max_new_tokens):
 
 
 def fresh_run_dir(out_dir):
-    """Create out_dir and clear an earlier run's checkpoints and summary, so nothing stale looks complete."""
+    """Create out_dir and clear an earlier run's checkpoints, summary and evaluation, so nothing stale looks
+    complete: pipeline.sh takes a folder with summary.json for done and would keep the old model's eval.json."""
     os.makedirs(out_dir, exist_ok=True)
-    for old in train.list_checkpoints(out_dir) + [os.path.join(out_dir, f) for f in ("summary.json",)]:
+    for old in train.list_checkpoints(out_dir) + [os.path.join(out_dir, f) for f in ("summary.json", "eval.json")]:
         if os.path.exists(old):
             os.remove(old)
 
@@ -709,6 +769,10 @@ def train_reward_model(cfg, rt):
     if not pairs:
         raise RLError(f"every pair is longer than the context ({model.config.block_size} tokens): {report['cut']}")
     train_pairs, val_pairs = dpo.split_pairs(pairs, cfg.val_fraction, cfg.seed)
+    flip = random.Random(f"label-noise:{cfg.seed}")
+    train_pairs = [{**p, "chosen_ids": p["rejected_ids"], "rejected_ids": p["chosen_ids"]}
+                   if flip.random() < cfg.label_noise else p for p in train_pairs]
+    report["label_noise"] = cfg.label_noise
     if len(train_pairs) < cfg.batch_size:
         raise RLError(f"{len(train_pairs)} training pairs are fewer than --batch-size {cfg.batch_size}; sample "
                       f"more (--prompts-per-task, --samples) or give a smaller --batch-size")
@@ -781,6 +845,7 @@ def run_rl(cfg, rt):
             raise RLError(str(e)) from None
         rm, _ = load_reward_model(rm_path, tokenizer, init, base_ckpt, rt)
     sets, pool, probe = choose_sets(policy, tokenizer, cfg, base_ckpt.get("config", {}), rt)  # from the start model
+    heldout = sft.heldout_sets(base_ckpt.get("config", {}), cfg.heldout_examples)  # every kind, the SFT run's
     check_lengths(pool + [e for exs in sets.values() for e in exs], tokenizer, policy.config.block_size,
                   cfg.max_new_tokens)
     resume = cfg.resume
@@ -800,8 +865,10 @@ def run_rl(cfg, rt):
             raise RLError(f"cannot resume {resume}: it ran {state.get('algo')} on {state.get('base')}, this run "
                           f"{cfg.algo} on {init}; pass the same flags or a new --out-dir")
         greedy_before, pass_before, bon = dpo.unkeyed(state["before"]), state["pass_before"], state["best_of_n"]
+        split_before = state.get("heldout_before")
     else:
         greedy_before = accuracy(policy, tokenizer, sets, rt, cfg)
+        split_before = sft.heldout_accuracy(policy, tokenizer, heldout, rt, cfg.max_new_tokens)[1] if heldout else None
         pass_before = pass_at_k(policy, tokenizer, sets, rt, cfg, cfg.pass_k) if cfg.pass_k else {}
         bon = best_of_n(policy, rm, tokenizer, sets, rt, cfg) if rm is not None else None
     train.print0(f"before: held-out greedy accuracy {mean(greedy_before):.3f} {pass_before}"
@@ -814,7 +881,7 @@ def run_rl(cfg, rt):
     optimizer = train.build_optimizer(module, cfg.lr, 0.0, (cfg.beta1, cfg.beta2), rt.device)
     extra = dict(stage="rlhf", base=init, lora=None, tokenizer_hash=tokenizer.hash, tokenizer_dir=data_dir,
                  algo=cfg.algo, sft=base_ckpt.get("base") if base_ckpt.get("stage") == "dpo" else init,
-                 before=dpo.keyed(greedy_before), pass_before=pass_before, best_of_n=bon)
+                 before=dpo.keyed(greedy_before), pass_before=pass_before, best_of_n=bon, heldout_before=split_before)
 
     # --- loop ---
     # Every step draws its prompts and samples from seeds made of (seed, step), so a resumed run repeats exactly
@@ -890,9 +957,15 @@ def run_rl(cfg, rt):
         greedy_after = accuracy(policy, tokenizer, sets, rt, cfg)
     pass_after = pass_at_k(policy, tokenizer, sets, rt, cfg, cfg.pass_k) if cfg.pass_k else {}
     sft.print_table(greedy_before, greedy_after)
+    split_after = sft.heldout_accuracy(policy, tokenizer, heldout, rt, cfg.max_new_tokens)[1] if heldout else None
+    if heldout:
+        sft.print_split(split_before, split_after)
     title = f"{cfg.algo}, reward {cfg.reward}" + (" (proxy: the reward model; true accuracy by tasks.score)"
                                                    if cfg.reward == "model" else "")
     png = plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"), title)
+    if cfg.reward == "model":
+        overoptimisation_plot(records, os.path.join(cfg.out_dir, "overoptimisation.png"),
+                              f"{cfg.algo} on the reward model {rm_path}")
     summary = {"stage": "rlhf", "algo": cfg.algo, "reward": cfg.reward, "reward_model": rm_path, "base": init,
                "checkpoint": last_good, "steps": cfg.max_steps, "seconds": round(time.time() - t_start, 1),
                "lr": cfg.lr, "kl_coef": cfg.kl_coef, "sets": sorted(dpo.keyed(sets)),
@@ -900,6 +973,7 @@ def run_rl(cfg, rt):
                "greedy_before": mean(greedy_before), "greedy_after": mean(greedy_after),
                "before": sft.by_kind(greedy_before), "after": sft.by_kind(greedy_after),
                "before_by_difficulty": dpo.keyed(greedy_before), "after_by_difficulty": dpo.keyed(greedy_after),
+               "heldout": {"before": split_before, "after": split_after},
                "pass_before": pass_before, "pass_after": pass_after, "best_of_n": bon,
                "compute": totals, "train_metrics": records[-1], "plot": png, "peak_memory_mb": peak_mb(rt)}
     sft.write_json(os.path.join(cfg.out_dir, "summary.json"), summary)
@@ -917,7 +991,7 @@ def run_rl(cfg, rt):
 def flawed_teacher(cfg, rt):
     """SFT on the flawed teacher, then GRPO with the verifier against the same time of more SFT; the table."""
     init, out, kind, d = find_init(cfg.init), derive(cfg).out_dir, cfg.teacher_kind, cfg.teacher_difficulty
-    os.makedirs(out, exist_ok=True)
+    fresh_run_dir(out)  # its runs are in sub-folders; here only the experiment's summary.json and eval.json go
     rng = random.Random(cfg.seed)
     examples = tasks.generate(kind, 4000, cfg.seed, "train", d)
     answers = [tasks.flawed_answer(e, cfg.teacher_error, rng) for e in examples]
@@ -992,6 +1066,7 @@ def run_or_stopped(cfg, rt):
 def compare(raw, rt):
     """Reward model, then best-of-n, DPO, PPO (tasks), PPO (reward model) and GRPO from raw.init; the table."""
     out, init = derive(raw).out_dir, find_init(raw.init)
+    fresh_run_dir(out)  # its runs are in sub-folders; here only the experiment's summary.json and eval.json go
     arm = lambda **kw: derive(replace(raw, compare=False, init=init, **kw))  # noqa: E731
     rm = train_reward_model(arm(train_reward_model=True, out_dir=os.path.join(out, "reward_model"),
                                 max_steps=None, lr=None), rt)
@@ -1008,22 +1083,27 @@ def compare(raw, rt):
     dpo_model = sft.load_base(dpo_summary["checkpoint"], raw.data_dir)[0].to(rt.device).eval()
     dpo_acc = mean(accuracy(dpo_model, sft.load_base(init, raw.data_dir)[1], sets, rt, raw))
     bon = runs["ppo_model"]["best_of_n"]
-    table = [("SFT checkpoint", runs["grpo"]["greedy_before"], 0, 0, 0),
-             (f"best-of-{bon['n']} (reward model)", bon["accuracy"], bon["tokens_sampled"], 0, 0),
-             ("DPO (on-policy pairs)", dpo_acc, None, dpo_summary["steps"] * dpo.DPOConfig.batch_size * 2,
-              dpo_summary["seconds"])]
+    weak = lambda h: ((h or {}).get("weak_mean"), (h or {}).get("elsewhere_mean"))  # noqa: E731
+    table = [("SFT checkpoint", runs["grpo"]["greedy_before"], *weak(runs["grpo"]["heldout"]["before"]), 0, 0, 0),
+             (f"best-of-{bon['n']} (reward model)", bon["accuracy"], None, None, bon["tokens_sampled"], 0, 0),
+             ("DPO (on-policy pairs)", dpo_acc, *weak(dpo_summary["heldout"]["best"]), None,
+              dpo_summary["steps"] * dpo.DPOConfig.batch_size * 2, dpo_summary["seconds"])]
     for name, r in (("PPO, reward tasks.score", runs["ppo_tasks"]), ("PPO, reward model", runs["ppo_model"]),
                     ("GRPO, reward tasks.score", runs["grpo"])):
         name += f" ({r['stopped']})" if r.get("stopped") else ""
-        table.append((name, r["greedy_after"], r["compute"]["tokens_sampled"], r["compute"]["tokens_trained"],
-                      r["seconds"]))
-    train.print0("\n| method | held-out greedy | tokens sampled | tokens (or answers) trained | seconds |\n"
-                 "| --- | ---: | ---: | ---: | ---: |")
-    for name, acc, ts, tt, sec in table:
-        train.print0(f"| {name} | {acc:.3f} | {ts if ts is not None else '-'} | {tt} | {sec:.0f} |")
-    result = {"stage": "rlhf", "experiment": "compare", "base": init, "sets": runs["grpo"]["sets"],
+        table.append((name, r["greedy_after"], *weak(r.get("heldout", {}).get("after")),
+                      r["compute"]["tokens_sampled"], r["compute"]["tokens_trained"], r["seconds"]))
+    fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+    train.print0("\n| method | trained sets, held-out greedy | weak spots (every kind's held-out prompts) | "
+                 "elsewhere | tokens sampled | tokens (or answers) trained | seconds |\n"
+                 "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, acc, w, e, ts, tt, sec in table:
+        train.print0(f"| {name} | {acc:.3f} | {fmt(w)} | {fmt(e)} | {ts if ts is not None else '-'} | {tt} | "
+                     f"{sec:.0f} |")
+    result = {"stage": "rlhf", "experiment": "compare", "base": init, "sets": runs["grpo"]["sets"], "seed": raw.seed,
               "reward_model": {k: rm[k] for k in ("checkpoint", "held_out", "seconds")},
-              "rows": [dict(zip(("method", "accuracy", "tokens_sampled", "trained", "seconds"), r)) for r in table]}
+              "rows": [dict(zip(("method", "accuracy", "weak_spots", "elsewhere", "tokens_sampled", "trained",
+                                 "seconds"), r)) for r in table]}
     sft.write_json(os.path.join(out, "summary.json"), result)
     return result
 

@@ -751,7 +751,7 @@ def main(cfg):
                 if resume_path and os.path.exists(metrics_path) else [])
         if not resume_path:  # a fresh run: nothing of an earlier run in this folder may pass for this one's
             for old in train.list_checkpoints(cfg.out_dir) + [os.path.join(cfg.out_dir, f)
-                                                              for f in ("summary.json", "adapter.pt")]:
+                                                              for f in ("summary.json", "adapter.pt", "eval.json")]:
                 if os.path.exists(old):
                     os.remove(old)
         with open(metrics_path, "w") as f:

@@ -571,8 +571,9 @@ def main(cfg):
             print0(f"fresh run: deleting the checkpoints of an earlier run in {cfg.out_dir}")
             for old in list_checkpoints(cfg.out_dir):
                 os.remove(old)
-        if os.path.exists(os.path.join(cfg.out_dir, "summary.json")):  # written again once this run is complete
-            os.remove(os.path.join(cfg.out_dir, "summary.json"))
+        for name in ("summary.json", "eval.json"):  # written again once this run is complete (eval.json by eval.py)
+            if os.path.exists(os.path.join(cfg.out_dir, name)):
+                os.remove(os.path.join(cfg.out_dir, name))
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
     model = torch.compile(raw_model) if cfg.compile else raw_model

@@ -256,7 +256,7 @@ def test_default_run_ranks_held_out_pairs_and_writes_its_outputs(default_run):
     assert on_disk["after"] == summary["after"] and set(on_disk["before_sampled"]) == {f"{k}/1" for k in KINDS}
     records = train.read_metrics(str(out))
     for key in ("loss", "reward_acc", "reward_chosen", "reward_rejected", "margin", "logp_chosen", "logp_rejected",
-                "kl", "answer_len"):
+                "ref_logratio", "answer_len"):
         assert key in records[0], key
     assert records[0]["pref_loss"] == pytest.approx(math.log(2), abs=1e-4)  # the policy starts as the reference
     lines = (out / "pairs.jsonl").read_text().splitlines()
@@ -293,6 +293,55 @@ def test_lora_live_reference_run(sft_checkpoint, default_run, tmp_path):
     assert summary["lora"]["rank"] == 4 and summary["reference"] == "live"
     records = train.read_metrics(str(tmp_path / "l"))
     assert records[0]["margin"] == pytest.approx(0, abs=1e-5)  # adapters start at zero: policy == reference
+    # after a few steps the adapters have moved the policy: the reference (adapters off) is apart from it, so the
+    # margin and the log-ratio are no longer 0 (they stay exactly 0 if the reference were the adapted policy)
+    assert abs(records[-1]["margin"]) > 1e-6 and abs(records[-1]["ref_logratio"]) > 1e-6, records[-1]
+
+
+def test_best_is_replaced_only_when_held_out_accuracy_strictly_improves(sft_checkpoint, default_run, tmp_path,
+                                                                          monkeypatch):
+    _, out = default_run
+    script = iter([0.5, 0.6, 0.6, 0.4])  # before, then the evaluations after steps 1, 2, 3: better, a tie, worse
+    monkeypatch.setattr(sft, "task_accuracy", lambda model, tok, sets, *a, **k: dict.fromkeys(sets, next(script)))
+    summary = dpo.main(dpo_cfg(sft_checkpoint, tmp_path / "b", pairs=str(out / "pairs.jsonl"), max_steps=3,
+                               eval_every=1, eval_examples=4, batch_size=4))
+    assert [r["acc"] for r in train.read_metrics(str(tmp_path / "b"))] == pytest.approx([0.6, 0.6, 0.4])
+    assert summary["best"]["step"] == 1 and summary["best"]["acc"] == pytest.approx(0.6)  # the tie kept step 1
+    assert summary["checkpoint"] == train.list_checkpoints(str(tmp_path / "b" / "best"))[-1]
+    assert train.load_checkpoint(summary["checkpoint"])["step"] == 1
+
+
+class Stop(Exception):
+    """Raised by a patched train.train_step: the run ends at its first step."""
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "dpo"])
+def test_a_fresh_run_first_clears_an_earlier_summary_and_eval(pretrained, sft_checkpoint, default_run, tmp_path,
+                                                               monkeypatch, stage):
+    # pipeline.sh takes a folder with summary.json for complete and keeps its eval.json: a rerun stopped before its
+    # end must leave neither of the earlier run's behind
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("summary.json", "eval.json"):
+        (run / name).write_text("{}")
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(train, "train_step", stop)
+    with pytest.raises(Stop):
+        if stage == "pretrain":
+            train.main(train.TrainConfig(preset="tiny", data_dir=pretrained["data_dir"], out_dir=str(run),
+                                         batch_size=4, seq_len=32, max_steps=2, eval_every=100, eval_batches=1,
+                                         samples=0, device="cpu"))
+        elif stage == "sft":
+            sft.main(sft.SFTConfig(init=pretrained["ckpt"], out_dir=str(run), kinds=["copy"], difficulties=[1],
+                                   examples_per_task=20, eval_difficulties=[1], eval_examples=2, batch_size=4,
+                                   max_steps=2, device="cpu", max_new_tokens=8))
+        else:
+            dpo.main(dpo_cfg(sft_checkpoint, run, pairs=str(default_run[1] / "pairs.jsonl"), max_steps=2,
+                             eval_examples=4, batch_size=4))
+    assert not (run / "summary.json").exists() and not (run / "eval.json").exists()
 
 
 def run_cli(*args, cwd=ROOT):
@@ -311,3 +360,21 @@ def test_bad_pairs_file_is_one_line_and_writes_nothing(sft_checkpoint, tmp_path)
     r = run_cli("--init", sft_checkpoint["ckpt"], "--pairs", str(bad), "--out-dir", str(tmp_path / "o"))
     assert r.returncode == 2 and f"{bad}:2" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not os.path.exists(tmp_path / "o" / "summary.json")
+
+
+def test_iterative_rounds_sample_from_the_previous_round_and_use_it_as_reference(sft_checkpoint, tmp_path):
+    out = tmp_path / "iterative"
+    summary = dpo.iterate(dpo_cfg(sft_checkpoint, out, rounds=2, max_steps=10, eval_every=10, save_every=10,
+                                  prompts_per_task=16, samples=4, eval_examples=20))
+    r1, r2 = (json.loads((out / f"round{r}" / "summary.json").read_text()) for r in (1, 2))
+    assert r1["base"] == sft_checkpoint["ckpt"] and r2["base"] == r1["checkpoint"]  # round 2 starts from round 1
+    refs = [{json.loads(line)["ref_model"] for line in open(out / f"round{r}" / "pairs.jsonl")} for r in (1, 2)]
+    assert len(refs[0]) == len(refs[1]) == 1 and refs[0] != refs[1]  # a new reference: round 1's model
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == summary and [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert summary["heldout"]["before"] == r1["heldout"]["before"] and summary["heldout"]["after"] == \
+        r2["heldout"]["after"]
+    kept = train.load_checkpoint(summary["checkpoint"])  # out/best: what rlhf.py and pipeline.sh go on from
+    last = train.load_checkpoint(r2["checkpoint"])
+    assert os.path.dirname(summary["checkpoint"]) == str(out / "best")
+    assert all(torch.equal(kept["model"][k], last["model"][k]) for k in last["model"])

@@ -78,8 +78,22 @@ def test_clipped_surrogate_gradient_is_zero_outside_the_clip_range():
     assert logp.grad[0] == 0 and logp.grad[1] == 0
     # ratio 1.5 with A < 0 (moving back is allowed) and 1.05 inside: gradient -A * ratio
     assert torch.allclose(logp.grad[2:], t(1.5, -1.05))
-    assert clipped.tolist() == [1.0, 1.0, 1.0, 0.0]
+    assert clipped.tolist() == [1.0, 1.0, 0.0, 0.0]  # token 2: the unclipped branch wins, it has a gradient
     assert torch.allclose(loss, t(-1.2, 0.8, 1.5, -1.05))
+
+
+def test_the_clip_fraction_counts_only_the_tokens_where_the_clipped_branch_wins():
+    # past the range on the side A pushes toward (counted) or on the other side (not: the unclipped term wins)
+    logp = torch.log(t(1.5, 0.5, 1.5, 0.5, 1.05, 0.95))
+    adv = t(1.0, -1.0, -1.0, 1.0, 1.0, -1.0)
+    assert rlhf.clipped_surrogate(logp, torch.zeros(6, dtype=torch.float64), adv, 0.2)[1].tolist() == [1, 1, 0, 0, 0, 0]
+    # in general: counted exactly where the token's gradient is zero (TRL's pg_clipfrac)
+    g = torch.Generator().manual_seed(0)
+    logp = (torch.randn(200, generator=g, dtype=torch.float64) * 0.3).requires_grad_()
+    adv = torch.randn(200, generator=g, dtype=torch.float64)
+    loss, clipped = rlhf.clipped_surrogate(logp, torch.zeros(200, dtype=torch.float64), adv, 0.2)
+    loss.sum().backward()
+    assert 0 < clipped.sum() < 200 and torch.equal(clipped.bool(), logp.grad == 0)
 
 
 def test_clipped_surrogate_at_ratio_one_is_the_policy_gradient():
@@ -143,6 +157,35 @@ def test_the_kl_estimate_is_zero_when_the_policy_equals_the_reference():
     logp, _ = rlhf.token_stats(model, x, y, RT, 2)
     ref, _ = rlhf.token_stats(copy.deepcopy(model), x, y, RT, 3)
     assert torch.equal((rlhf.k3(logp, ref) * (y != -1)).sum(), torch.zeros(()))
+    # and not because the log-probs are trivial: they are the model's, and another model is measurably apart
+    mask = y != -1
+    assert (logp[mask] < 0).all() and (logp[~mask] == 0).all()
+    other, _ = rlhf.token_stats(tiny(1), x, y, RT, 3)
+    assert float((rlhf.k3(logp, other) * mask).sum()) > 0.01
+
+
+def test_log_probs_ratios_and_k3_use_the_sampling_temperature():
+    model = tiny()
+    x = torch.randint(1, 64, (3, 10))
+    y = torch.where(torch.arange(10) >= 6, torch.randint(1, 64, (3, 10)), torch.full((3, 10), -1))
+    mask = (y != -1).float()
+    logp, ent = rlhf.token_stats(model, x, y, RT, 2, temperature=0.5)
+    with torch.no_grad():
+        tempered = torch.log_softmax(model(x)[0] / 0.5, dim=-1)
+    assert torch.allclose(logp, tempered.gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask, atol=1e-6)
+    assert torch.allclose(ent, -(tempered.exp() * tempered).sum(-1) * mask, atol=1e-5)
+    # the losses read the same distribution: at the rollout's own policy the ratio is 1 (nothing clipped), k3 is 0
+    adv = torch.randn(3, 1).expand(3, 10) * mask
+    cfg = rlhf.derive(rlhf.RLConfig(temperature=0.5, kl_coef=1.0))
+    stats = []
+    with torch.no_grad():
+        loss = rlhf.grpo_loss_fn(cfg, stats)(model, (x, y, logp, logp, adv))
+    assert loss.item() == pytest.approx(float(-(adv * mask).sum()), abs=1e-4) and stats[0][0] == 0
+    module = rlhf.ActorCritic(model, rlhf.scalar_head(copy.deepcopy(model)))  # value 0 everywhere: no value loss
+    stats, zero = [], torch.zeros(3, 10)
+    with torch.no_grad():
+        loss = rlhf.ppo_loss_fn(replace(cfg, algo="ppo"), stats)(module, (x, y, logp, zero, adv, zero))
+    assert loss.item() == pytest.approx(float(-(adv * mask).sum()), abs=1e-4) and stats[0][0] == 0
 
 
 def test_shared_prefill_gives_the_same_samples_as_separate_prefills(sft_checkpoint):
@@ -161,6 +204,55 @@ def test_rollout_batch_keeps_the_sampled_end_token_inside_the_mask():
     assert y[0].tolist() == [-1, -1, 7, 8, 9]          # 9 is the sampled stop token: trained
     assert y[1].tolist() == [-1, 10, -1, -1, -1]
     assert last.tolist() == [4, 1] and x[0, 4] == 8
+
+
+def test_ppo_rewards_are_the_score_on_the_last_token_minus_beta_times_the_log_ratio():
+    old, ref = t(0, -1.0, -2.0, -0.5, 0).unsqueeze(0), t(0, -1.5, -1.0, -0.5, 0).unsqueeze(0)
+    mask = t(0, 1, 1, 1, 0).unsqueeze(0)
+    r = rlhf.ppo_rewards(old, ref, mask, t(2.0), torch.tensor([3]), 0.1)
+    assert torch.allclose(r, t(0, -0.1 * 0.5, -0.1 * -1.0, 2.0, 0).unsqueeze(0))
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_one_rl_step_raises_the_rewarded_answer_and_lowers_the_other(algo):
+    # one prompt, two answers (the second ends with the stop token 63), reward 1 and 0: one step on a tiny model
+    policy = tiny(3)
+    reference = copy.deepcopy(policy).requires_grad_(False)
+    value = rlhf.scalar_head(copy.deepcopy(policy)) if algo == "ppo" else None
+    module = rlhf.ActorCritic(policy, value) if value is not None else policy
+    cfg = rlhf.derive(rlhf.RLConfig(algo=algo, group_size=2, epochs=1, minibatches=1, lr=1e-3))
+    ro = rlhf.Rollout([None] * 2, [[1, 2, 3, 4]] * 2, [[5, 6, 7], [8, 9, 63]], ["", ""], [1.0, 0.0], [1.0, 0.0])
+    x, y, _ = rlhf.rollout_batch(ro, 0)
+
+    def answer_logps():
+        return rlhf.token_stats(policy, x, y, RT, 8)[0].sum(dim=1)
+
+    before = answer_logps()
+    optimizer = train.build_optimizer(module, cfg.lr, 0.0)
+    rlhf.rl_step(cfg, ro, policy, reference, value, module, optimizer, RT, 0, 63)
+    after = answer_logps()
+    assert after[0] > before[0] + 1e-3 and after[1] < before[1] - 1e-3, (before, after)
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_with_equal_scores_the_kl_term_alone_pulls_the_policy_toward_the_reference(algo):
+    # the reference is another model and every answer scores 0: the only signal is the KL term (ppo: -beta log-ratio
+    # in the rewards; grpo: beta k3 in the loss), so one step lowers the answers' log-ratio to the reference
+    policy, reference = tiny(3), tiny(4).requires_grad_(False)
+    value = rlhf.scalar_head(copy.deepcopy(policy)) if algo == "ppo" else None
+    module = rlhf.ActorCritic(policy, value) if value is not None else policy
+    cfg = rlhf.derive(rlhf.RLConfig(algo=algo, group_size=2, epochs=1, minibatches=1, lr=1e-4, kl_coef=1.0))
+    ro = rlhf.Rollout([None] * 2, [[1, 2, 3, 4]] * 2, [[5, 6, 7, 8, 63], [9, 10, 11, 63]], ["", ""], [0.0, 0.0],
+                      [0.0, 0.0])
+    x, y, _ = rlhf.rollout_batch(ro, 0)
+    ref = rlhf.token_stats(reference, x, y, RT, 8)[0]
+
+    def kl():
+        return float(rlhf.k3(rlhf.token_stats(policy, x, y, RT, 8)[0], ref).sum())
+
+    before = kl()
+    rlhf.rl_step(cfg, ro, policy, reference, value, module, train.build_optimizer(module, cfg.lr, 0.0), RT, 0, 63)
+    assert kl() < before - 1e-3, (before, kl())
 
 
 def test_the_flawed_teacher_drops_the_carry_into_the_hundreds_only():
@@ -192,6 +284,22 @@ def test_the_flawed_sorting_teacher_writes_a_repeated_letter_once_at_the_error_r
 
 
 # --- runs from the session's SFT checkpoint ---
+
+def test_the_default_init_is_the_checkpoint_dpo_names_best(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("out/sft")
+    os.makedirs("out/dpo/best")
+    for path in ("out/sft/ckpt_000100.pt", "out/dpo/ckpt_000060.pt", "out/dpo/best/ckpt_000020.pt"):
+        open(path, "w").close()
+    assert rlhf.find_init(None) == os.path.join("out/dpo/best", "ckpt_000020.pt")  # a DPO run under way: its best
+    with open("out/dpo/summary.json", "w") as f:
+        json.dump({"stage": "dpo", "checkpoint": "out/dpo/best/ckpt_000020.pt", "best": {"step": 20}}, f)
+    assert rlhf.find_init(None) == "out/dpo/best/ckpt_000020.pt"  # a finished one: the checkpoint it names
+    assert rlhf.find_init("out/sft") == "out/sft/ckpt_000100.pt"   # a given path wins
+    for path in ("out/dpo/summary.json", "out/dpo/ckpt_000060.pt", "out/dpo/best/ckpt_000020.pt"):
+        os.remove(path)
+    assert rlhf.find_init(None) == os.path.join("out/sft", "ckpt_000100.pt")  # no DPO: the newest SFT checkpoint
+
 
 def cfg_for(sft_checkpoint, tmp_path, **kw):
     base = dict(init=sft_checkpoint["ckpt"], kinds=KINDS, difficulties=[1], device="cpu", eval_examples=20,
@@ -229,6 +337,7 @@ def test_a_short_grpo_run_raises_the_mean_reward(sft_checkpoint, tmp_path):
     last = sum(r["reward"] for r in records[-4:]) / 4
     assert last > first, [r["reward"] for r in records]
     assert records[0]["kl"] == pytest.approx(0, abs=1e-6)
+    assert records[-1]["kl"] > 1e-3  # the updates moved the policy away from the reference, and k3 sees it
     assert all(0 <= r["zero_std_frac"] <= 1 for r in records)
     assert s["stage"] == "rlhf" and os.path.exists(s["checkpoint"]) and os.path.exists(s["plot"])
     assert set(s["pass_after"]) == {"pass@1", "pass@4"}
@@ -248,6 +357,43 @@ def test_ppo_on_the_reward_model_logs_every_metric_and_best_of_n(sft_checkpoint,
         assert math.isfinite(rec[k]), k
     assert s["best_of_n"]["n"] == 4 and 0 <= s["best_of_n"]["accuracy"] <= s["best_of_n"]["oracle"]
     assert rec["kl_coef"] != 0.05  # the controller moved beta
+
+
+class Stop(Exception):
+    """Raised by a patched step: the run ends early."""
+
+
+@pytest.mark.parametrize("mode", ["rl", "reward_model", "flawed_teacher", "compare"])
+def test_a_fresh_run_of_every_mode_first_clears_an_earlier_summary_and_eval(sft_checkpoint, tmp_path, monkeypatch,
+                                                                            mode):
+    # pipeline.sh takes a folder with summary.json for complete and keeps its eval.json: a rerun stopped before its
+    # end must leave neither of the earlier run's behind
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("summary.json", "eval.json"):
+        (out / name).write_text("{}")
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    cfg = cfg_for(sft_checkpoint, tmp_path, max_steps=2, pass_k=0, eval_examples=4)
+    with pytest.raises(Stop):
+        if mode == "rl":
+            monkeypatch.setattr(rlhf, "rl_step", stop)
+            rlhf.run_rl(cfg, RT)
+        elif mode == "reward_model":
+            pairs = tmp_path / "pairs.jsonl"
+            tasks.write_jsonl(str(pairs), ({"prompt": e["prompt"], "chosen": e["answer"], "rejected": tasks.REFUSAL}
+                                           for e in tasks.generate("copy", 40, 0, "train", 1)))
+            monkeypatch.setattr(train, "train_step", stop)
+            rlhf.train_reward_model(replace(cfg, train_reward_model=True, pairs=str(pairs)), RT)
+        elif mode == "flawed_teacher":
+            monkeypatch.setattr(sft, "main", stop)
+            rlhf.flawed_teacher(replace(cfg, flawed_teacher=True), RT)
+        else:
+            monkeypatch.setattr(rlhf, "train_reward_model", stop)
+            rlhf.compare(replace(cfg, compare=True), RT)
+    assert not (out / "summary.json").exists() and not (out / "eval.json").exists()
 
 
 def run_cli(*args):
