@@ -369,7 +369,8 @@ def test_iterative_rounds_sample_from_the_previous_round_and_use_it_as_reference
     r1, r2 = (json.loads((out / f"round{r}" / "summary.json").read_text()) for r in (1, 2))
     assert r1["base"] == sft_checkpoint["ckpt"] and r2["base"] == r1["checkpoint"]  # round 2 starts from round 1
     refs = [{json.loads(line)["ref_model"] for line in open(out / f"round{r}" / "pairs.jsonl")} for r in (1, 2)]
-    assert len(refs[0]) == len(refs[1]) == 1 and refs[0] != refs[1]  # a new reference: round 1's model
+    round1_model = sft.load_base(r1["checkpoint"])[0]
+    assert refs[1] == {dpo.model_hash(round1_model)}  # round 2's reference is round 1's kept model
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary and [r["round"] for r in summary["rounds"]] == [1, 2]
     assert summary["heldout"]["before"] == r1["heldout"]["before"] and summary["heldout"]["after"] == \
