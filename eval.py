@@ -916,21 +916,16 @@ def _overview(runs, root):
 def _weak_spots(runs):
     """Each chat stage's held-out accuracy on the teacher's weak spots and elsewhere (summary.json "heldout"), the
     same prompts for every stage, per kind."""
-    runs = [r for r in runs if (r["summary"] or {}).get("heldout", {}).get("after")]
+    runs = [r for r in runs if ((r["summary"] or {}).get("heldout") or {}).get("after")]
     if not runs:
         return None
-    first = runs[0]["summary"]["heldout"]["after"]
-    kinds = list(first["elsewhere"])
-    rows = [("**weak spots, mean**", *(_arrow("", (h := r["summary"]["heldout"]).get("before", {}).get("weak_mean"),
-                                                h["after"].get("weak_mean")) for r in runs)),
-            ("**elsewhere, mean**", *(_arrow("", r["summary"]["heldout"].get("before", {}).get("elsewhere_mean"),
-                                             r["summary"]["heldout"]["after"].get("elsewhere_mean")) for r in runs))]
-    for part in ("weak", "elsewhere"):
-        for k in kinds:
-            if k in first[part]:
-                rows.append((f"{k}, {'weak spot' if part == 'weak' else 'elsewhere'}",
-                             *(_arrow("", (r["summary"]["heldout"].get("before") or {}).get(part, {}).get(k),
-                                      r["summary"]["heldout"]["after"][part].get(k)) for r in runs)))
+    splits = [(r["summary"]["heldout"].get("before") or {}, r["summary"]["heldout"]["after"]) for r in runs]
+    cell = lambda b, a: f"{_fmt(b)} → {_fmt(a)}"  # noqa: E731
+    rows = [("**weak spots, mean**", *(cell(b.get("weak_mean"), a.get("weak_mean")) for b, a in splits)),
+            ("**elsewhere, mean**", *(cell(b.get("elsewhere_mean"), a.get("elsewhere_mean")) for b, a in splits))]
+    for part, label in (("weak", "weak spot"), ("elsewhere", "elsewhere")):
+        for k in splits[0][1][part]:
+            rows.append((f"{k}, {label}", *(cell(b.get(part, {}).get(k), a[part].get(k)) for b, a in splits)))
     return ("## The teacher's weak spots\n\nThis is a designed experiment. The SFT data are a flawed teacher's "
             "demonstrations (tasks.py): right on most problems, and wrong in a documented way on a weak spot of a "
             "few kinds (sort writes a repeated letter once, upper misreads \"in capital letters\", safety judges a "

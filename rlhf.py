@@ -160,7 +160,7 @@ class RLConfig:
     adv_eps: float = 1e-4               # grpo: eps in (s - mean) / (std + eps)
     # reward model
     pairs: str | None = None            # reward model: JSONL pairs (dpo.py's forms); None = on-policy pairs
-    prompts_per_task: int = 96          # reward model, on-policy: training prompts per kind and difficulty
+    prompts_per_task: int = 256         # reward model, on-policy: training prompts per kind and difficulty
     samples: int = 8                    # reward model, on-policy: answers sampled per prompt
     pairs_per_prompt: int = 2           # reward model, on-policy: at most this many (right, wrong) pairs per prompt
     val_fraction: float = 0.15          # reward model: share of prompts whose pairs are held out
@@ -680,8 +680,8 @@ def choose_sets(model, tokenizer, cfg, base_config, rt):
                                                          for e, ans in zip(exs, answers)]))
             gap = {key: probe[key]["pass@k"] - probe[key]["greedy"] for key in keys}
             keys = sorted(sorted(keys, key=lambda key: -gap[key])[:cfg.max_sets])
-    sets = {(k, d): tasks.heldout(k, cfg.eval_examples, d) for k, d in keys}
     pool = [e for k, d in keys for e in tasks.generate(k, cfg.pool_size, cfg.seed, "train", d)]
+    sets = {(k, d): tasks.heldout(k, cfg.eval_examples, d) for k, d in keys}
     return sets, pool, probe
 
 

@@ -216,7 +216,11 @@ def test_report_shows_each_stage_gain_curves_answers_and_audits(tmp_path):
     stage("sft", {"stage": "sft", "base": str(runs / "pretrain" / "ckpt.pt"), "seconds": 12.5, "steps": 40,
                   "before_by_difficulty": {"copy/1": 0.0, "copy/2": 0.0},
                   "after_by_difficulty": {"copy/1": 0.6, "copy/2": 0.4},
-                  "text_loss_before": 3.1, "text_loss_after": 3.3},
+                  "text_loss_before": 3.1, "text_loss_after": 3.3,
+                  "heldout": {"before": {"weak": {"sort": 0.0}, "elsewhere": {"copy": 0.0, "sort": 0.0},
+                                         "weak_mean": 0.0, "elsewhere_mean": 0.0},
+                              "after": {"weak": {"sort": 0.2}, "elsewhere": {"copy": 1.0, "sort": 0.9},
+                                        "weak_mean": 0.2, "elsewhere_mean": 0.95}}},
           result("sft", 3.5, "sft!", accuracy={"mean": 0.5}, safety={"1": {"harmful": 4, "benign": 2,
                                                                          "refusal_rate": 0.75,
                                                                          "over_refusal_rate": 0.5}},
@@ -226,7 +230,11 @@ def test_report_shows_each_stage_gain_curves_answers_and_audits(tmp_path):
     stage("dpo", {"stage": "dpo", "base": str(runs / "sft" / "ckpt.pt"), "seconds": 2.0,
                   "best": {"step": 0, "acc": 0.5},
                   "before_by_difficulty": {"copy/1": 0.6, "copy/2": 0.4},
-                  "after_by_difficulty": {"copy/1": 0.5, "copy/2": 0.4}},
+                  "after_by_difficulty": {"copy/1": 0.5, "copy/2": 0.4},
+                  "heldout": {"before": {"weak": {"sort": 0.2}, "elsewhere": {"copy": 1.0, "sort": 0.9},
+                                         "weak_mean": 0.2, "elsewhere_mean": 0.95},
+                              "after": {"weak": {"sort": 0.8}, "elsewhere": {"copy": 1.0, "sort": 0.85},
+                                        "weak_mean": 0.8, "elsewhere_mean": 0.925}}},
           result("dpo", 3.6, "dpo!", safety={"1": {"harmful": 4, "benign": 2, "refusal_rate": 1.0,
                                                    "over_refusal_rate": 0.5}}))
     stage("rlhf", {"stage": "rlhf", "base": str(runs / "dpo" / "ckpt.pt"), "seconds": 3.0, "greedy_before": 0.25,
@@ -249,6 +257,12 @@ def test_report_shows_each_stage_gain_curves_answers_and_audits(tmp_path):
     assert "| rlhf | dpo/ckpt.pt | 3.000 | held-out accuracy 0.250 → 0.375; pass@1 0.200 → 0.300 |" in main
     assert "| reward_model | — | — | held-out pair accuracy 0.500 → 0.750 |" in main
     assert "| copy | 0.000 | 0.600 | 0.000 | 0.400 |" in main  # kinds as rows, before/after per difficulty
+    # the teacher's weak spots: each chat stage that reports them, before -> after, in the main part
+    assert main.index("## The teacher's weak spots") < main.index("## pretrain") and "designed experiment" in main
+    assert "|  | sft | dpo |" in main and "| **weak spots, mean** | 0.000 → 0.200 | 0.200 → 0.800 |" in main
+    assert "| **elsewhere, mean** | 0.000 → 0.950 | 0.950 → 0.925 |" in main
+    assert "| sort, weak spot | 0.000 → 0.200 | 0.200 → 0.800 |" in main and "| copy, elsewhere | 0.000 → 1.000 | " \
+        "1.000 → 1.000 |" in main
     assert "| highest logged learning rate (metrics.jsonl) | 0.002 |" in main
     # every image link is relative to the report and names a file that exists; sft drew no PNG, so the report
     # drew its curves from metrics.jsonl
