@@ -464,22 +464,23 @@ def overoptimisation_plot(records, path, title):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    pts = [r for r in records if isinstance(r.get("kl"), (int, float))]
-    x = [math.sqrt(max(r["kl"], 0.0)) for r in pts]
+    kl = lambda r: math.sqrt(max(r.get("kl", 0.0), 0.0))  # noqa: E731  (the start, step 0, is at KL 0)
+    pts = [r for r in records if "reward" in r]
+    x = [kl(r) for r in pts]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     ax.plot(x, [r["true_acc"] for r in pts], ".", color="C1", alpha=0.5, label="true accuracy of the rollouts")
-    held = [(math.sqrt(max(r["kl"], 0.0)), r["acc"]) for r in pts if "acc" in r]
+    held = [(kl(r), r["acc"]) for r in records if "acc" in r]
     if held:
         ax.plot(*zip(*held), "o-", color="C2", label="held-out greedy accuracy (tasks.score)")
     ax.set_xlabel("sqrt(KL from the reference), sqrt(nats / answer)")
     ax.set_ylabel("true reward")
     proxy = ax.twinx()
-    proxy.plot(x, [r["reward"] for r in pts], "-", color="C0", label="proxy reward (the reward model)")
+    proxy.plot(x, [r["reward"] for r in pts], "x", color="C0", label="proxy reward of the rollouts (the reward model)")
     proxy.set_ylabel("proxy reward")
-    fig.legend(loc="lower center", ncol=3, fontsize=7)
+    fig.legend(loc="lower center", ncol=2, fontsize=7)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -920,8 +921,11 @@ def run_rl(cfg, rt):
                  f"{cfg.algo}: stopped at step {step + 1}")
             raise train.Diverged(f"step {step + 1}: {e}; the last good checkpoint is {last_good}") from None
         if m["kl"] > cfg.kl_max:  # the curves up to here are the story of the run: keep them
-            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"),
-                 f"{cfg.algo}, reward {cfg.reward}: stopped at step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}")
+            why = f"stopped at step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}"
+            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}, reward {cfg.reward}: {why}")
+            if cfg.reward == "model":
+                overoptimisation_plot(start_point + records, os.path.join(cfg.out_dir, "overoptimisation.png"),
+                                      f"{cfg.algo} on the reward model {rm_path}: {why}")
             raise train.Diverged(f"step {step + 1}: KL to the reference {m['kl']:.2f} nats per answer passed --kl-max "
                                  f"{cfg.kl_max}; the last good checkpoint is {last_good}; lower --lr or raise "
                                  f"--kl-coef")
@@ -964,7 +968,7 @@ def run_rl(cfg, rt):
                                                    if cfg.reward == "model" else "")
     png = plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"), title)
     if cfg.reward == "model":
-        overoptimisation_plot(records, os.path.join(cfg.out_dir, "overoptimisation.png"),
+        overoptimisation_plot(start_point + records, os.path.join(cfg.out_dir, "overoptimisation.png"),
                               f"{cfg.algo} on the reward model {rm_path}")
     summary = {"stage": "rlhf", "algo": cfg.algo, "reward": cfg.reward, "reward_model": rm_path, "base": init,
                "checkpoint": last_good, "steps": cfg.max_steps, "seconds": round(time.time() - t_start, 1),
