@@ -633,7 +633,8 @@ def derive(cfg, sft_config):
                    lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2.0 * cfg.lora_rank,
                    eval_difficulties=cfg.eval_difficulties or sft_config.get("eval_difficulties") or [1],
                    eval_examples=cfg.eval_examples or sft_config.get("eval_examples") or 100,
-                   eval_kinds=cfg.eval_kinds or sft_config.get("kinds") or list(tasks.KINDS))
+                   eval_kinds=cfg.eval_kinds or sft_config.get("eval_kinds") or sft_config.get("kinds")
+                   or list(tasks.KINDS))  # from a DPO checkpoint (a later round): the SFT run's, which it kept
 
 
 def check(cfg):

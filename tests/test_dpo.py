@@ -365,9 +365,10 @@ def test_bad_pairs_file_is_one_line_and_writes_nothing(sft_checkpoint, tmp_path)
 def test_iterative_rounds_sample_from_the_previous_round_and_use_it_as_reference(sft_checkpoint, tmp_path):
     out = tmp_path / "iterative"
     summary = dpo.iterate(dpo_cfg(sft_checkpoint, out, rounds=2, max_steps=10, eval_every=10, save_every=10,
-                                  prompts_per_task=16, samples=4, eval_examples=20))
+                                  prompts_per_task=16, samples=4, eval_examples=20, kinds=["sort"], batch_size=4))
     r1, r2 = (json.loads((out / f"round{r}" / "summary.json").read_text()) for r in (1, 2))
     assert r1["base"] == sft_checkpoint["ckpt"] and r2["base"] == r1["checkpoint"]  # round 2 starts from round 1
+    assert sorted(r2["heldout"]["after"]["elsewhere"]) == sorted(r1["heldout"]["after"]["elsewhere"]) == sorted(KINDS)
     refs = [{json.loads(line)["ref_model"] for line in open(out / f"round{r}" / "pairs.jsonl")} for r in (1, 2)]
     round1_model = sft.load_base(r1["checkpoint"])[0]
     assert refs[1] == {dpo.model_hash(round1_model)}  # round 2's reference is round 1's kept model
