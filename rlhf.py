@@ -951,7 +951,7 @@ def run_rl(cfg, rt):
         records.append(record)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if done % cfg.save_every == 0 or done == cfg.max_steps:
+        if done % cfg.save_every == 0 or done == cfg.max_steps or done == 1:  # step 1: a run stopped early has one
             last_good = train.save_checkpoint(cfg.out_dir, done, policy, optimizer, cfg, {}, cfg.keep_last, **extra,
                                               value_model=value.state_dict() if value is not None else None,
                                               kl_coef=cfg.kl_coef, totals=totals)
@@ -1057,11 +1057,14 @@ def run_or_stopped(cfg, rt):
         state = train.load_checkpoint(found[-1])
         model, tokenizer, _, _ = sft.load_base(found[-1], cfg.data_dir)
         before = dpo.unkeyed(state["before"])
-        sets = {key: tasks.generate(key[0], cfg.eval_examples, 0, "test", key[1]) for key in before}
+        sets = {key: tasks.heldout(key[0], cfg.eval_examples, key[1]) for key in before}
         records = [r for r in train.read_metrics(cfg.out_dir) if r["step"] <= state["step"]]
         train.print0(f"stopped early ({e}); scoring its last good checkpoint {found[-1]}")
-        return {"greedy_before": mean(before), "greedy_after": mean(accuracy(model.to(rt.device).eval(), tokenizer,
-                                                                              sets, rt, cfg)),
+        model.to(rt.device).eval()
+        heldout = sft.heldout_sets(train.load_checkpoint(find_init(cfg.init)).get("config", {}), cfg.heldout_examples)
+        split = sft.heldout_accuracy(model, tokenizer, heldout, rt, cfg.max_new_tokens)[1] if heldout else None
+        return {"greedy_before": mean(before), "greedy_after": mean(accuracy(model, tokenizer, sets, rt, cfg)),
+                "heldout": {"before": state.get("heldout_before"), "after": split},
                 "compute": state["totals"], "seconds": round(sum(r["seconds"] for r in records), 1),
                 "best_of_n": state["best_of_n"], "sets": sorted(state["before"]), "checkpoint": found[-1],
                 "stopped": f"{e}".split(";")[0] + f"; scored at step {state['step']}"}
@@ -1079,7 +1082,7 @@ def compare(raw, rt):
             "ppo_model": run_or_stopped(arm(algo="ppo", reward="model", reward_model=rm["checkpoint"],
                                             out_dir=os.path.join(out, "ppo_model")), rt)}
     keys = [tuple(k.rsplit("/", 1)) for k in runs["grpo"]["sets"]]
-    sets = {(k, int(d)): tasks.generate(k, raw.eval_examples, 0, "test", int(d)) for k, d in keys}
+    sets = {(k, int(d)): tasks.heldout(k, raw.eval_examples, int(d)) for k, d in keys}
     dpo_summary = dpo.main(dpo.DPOConfig(init=init, data_dir=raw.data_dir, kinds=sorted({k for k, _ in sets}),
                                          eval_difficulties=sorted({d for _, d in sets}), device=raw.device,
                                          threads=raw.threads, seed=raw.seed, max_new_tokens=raw.max_new_tokens,
