@@ -18,7 +18,7 @@ Run it (CPU: add --threads 1 on a shared 2-core machine):
     python train.py && python sft.py && python rlhf.py    # GRPO, verifiable rewards, from out/dpo/best or out/sft
     python rlhf.py --algo ppo                             # PPO with a value model, reward from tasks.score
     python rlhf.py --train-reward-model                   # a Bradley-Terry reward model into out/reward_model
-    python rlhf.py --algo ppo --reward model              # PPO on the learned reward: watch it over-optimise
+    python rlhf.py --algo ppo --reward model              # PPO on the learned reward: overoptimisation.png
     python rlhf.py --flawed-teacher                       # SFT on a teacher that drops repeats, then GRPO
     python rlhf.py --compare                              # best-of-n, DPO, PPO (tasks, RM) and GRPO, one table
     python bench.py rl                                    # rollouts/s: shared prefill, KV cache, a naive loop
