@@ -919,7 +919,9 @@ def _weak_spots(runs):
     runs = [r for r in runs if ((r["summary"] or {}).get("heldout") or {}).get("after")]
     if not runs:
         return None
-    splits = [(r["summary"]["heldout"].get("before") or {}, r["summary"]["heldout"]["after"]) for r in runs]
+    # DPO keeps its best step (what the next stage starts from), so its column shows that one
+    splits = [(r["summary"]["heldout"].get("before") or {},
+               r["summary"]["heldout"].get("best") or r["summary"]["heldout"]["after"]) for r in runs]
     cell = lambda b, a: f"{_fmt(b)} → {_fmt(a)}"  # noqa: E731
     rows = [("**weak spots, mean**", *(cell(b.get("weak_mean"), a.get("weak_mean")) for b, a in splits)),
             ("**elsewhere, mean**", *(cell(b.get("elsewhere_mean"), a.get("elsewhere_mean")) for b, a in splits))]
