@@ -80,7 +80,8 @@ during training: the DPO metrics alone cannot tell you when to stop, so the best
 Preferences over the model's own samples can only reinforce what it sometimes writes. After the default SFT
 (a flawed teacher, tasks.py) the model can sample the right answer on the teacher's weak spots (the teacher
 wrote it 30-40% of the time there), while greedy decoding gives the teacher's mistake: that is what the default
-pairs (--kinds, the teacher's kinds) fix. On arithmetic its errors are sums it has never seen, which no comparison of its guesses teaches.
+pairs (--kinds, the teacher's kinds) fix. On arithmetic its errors are sums it has never seen, which no
+comparison of its guesses teaches.
 Measured on the default path (BENCHMARKS.md): weak spots 0.16 -> 0.87, elsewhere unchanged, in 150 steps.
 --rounds R repeats sample-then-align, each round's model the next round's reference (Xu et al. 2023; Pang
 et al. 2024), so the pairs stay the current model's mistakes.

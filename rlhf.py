@@ -922,7 +922,8 @@ def run_rl(cfg, rt):
             raise train.Diverged(f"step {step + 1}: {e}; the last good checkpoint is {last_good}") from None
         if m["kl"] > cfg.kl_max:  # the curves up to here are the story of the run: keep them
             why = f"stopped at step {step + 1}, KL {m['kl']:.1f} > {cfg.kl_max}"
-            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"), f"{cfg.algo}, reward {cfg.reward}: {why}")
+            plot(start_point + records, os.path.join(cfg.out_dir, "rlhf.png"),
+                 f"{cfg.algo}, reward {cfg.reward}: {why}")
             if cfg.reward == "model":
                 overoptimisation_plot(start_point + records, os.path.join(cfg.out_dir, "overoptimisation.png"),
                                       f"{cfg.algo} on the reward model {rm_path}: {why}")

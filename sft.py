@@ -605,7 +605,7 @@ def heldout_accuracy(model, tokenizer, sets, rt, max_new_tokens=32):
     return per_difficulty, split
 
 
-def print_split(before, after, file=None):
+def print_split(before, after):
     """The weak-spot table: per kind, before -> after on the weak spot and elsewhere."""
     out = [f"{'kind':<10} {'weak spot':>17} {'elsewhere':>17}"]
     for k in after["elsewhere"]:

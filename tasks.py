@@ -544,15 +544,20 @@ def teacher_answer(example, errors, rng):
     return flawed_answer(example, errors[example["kind"]], rng) if errors.get(example["kind"]) else example["answer"]
 
 
-def heldout(kind, n, difficulty, seed=0):
-    """n held-out (test split) examples of one kind and difficulty, each with "weak": whether it is in the teacher's
-    weak spot. For a kind with a weak spot half of them are from it (as many as the split has), so a change there
-    is measured on enough prompts even where the weak spot is a small share of the problems."""
+def half_weak(kind, n, seed, split, difficulty):
+    """n examples, each with "weak": whether it is in the teacher's weak spot. For a kind with a weak spot half of
+    them are from it (as many as 20 n draws find), so the weak spot is seen even where it is a small share."""
     if kind not in TEACHER_ERRORS:
-        return [{**e, "weak": False} for e in generate(kind, n, seed, "test", difficulty)]
-    pool = [{**e, "weak": weak_spot(kind, e["prompt"])} for e in generate(kind, 20 * n, seed, "test", difficulty)]
+        return [{**e, "weak": False} for e in generate(kind, n, seed, split, difficulty)]
+    pool = [{**e, "weak": weak_spot(kind, e["prompt"])} for e in generate(kind, 20 * n, seed, split, difficulty)]
     weak = [e for e in pool if e["weak"]][:n // 2]
     return weak + [e for e in pool if not e["weak"]][:n - len(weak)]
+
+
+def heldout(kind, n, difficulty, seed=0):
+    """n held-out (test split) examples of one kind and difficulty, half from the teacher's weak spot where the kind
+    has one: the prompts every stage reports on, so a change there is measured on enough of them."""
+    return half_weak(kind, n, seed, "test", difficulty)
 
 
 # --- instruction files: chat JSONL, Alpaca, ShareGPT ---
@@ -744,16 +749,12 @@ def write_tasks(cfg, out_dir):
 
 def show(kind, difficulty, seed, count=6):
     """A few training examples; for a kind with a teacher weak spot, half from it, the teacher's answer beside."""
-    examples = generate(kind, count, seed, "train", difficulty)
     if kind in TEACHER_ERRORS:
-        pool = generate(kind, 50 * count, seed, "train", difficulty)
-        weak = [e for e in pool if weak_spot(kind, e["prompt"])][:count // 2]
-        examples = weak + [e for e in pool if e not in weak][:count - len(weak)]
         print(f"# the teacher is wrong on the weak spot {TEACHER_ERRORS[kind]:.0%} of the time (sft.py "
               f"--teacher-{kind}); tasks.py explains each mistake")
-    for e in examples:
-        wrong = teacher_mistake(kind, e["prompt"]) if kind in TEACHER_ERRORS else None
-        print(f"{e['prompt']!r} -> {e['answer']!r}" + (f"   teacher: {wrong!r} (weak spot)" if wrong else ""))
+    for e in half_weak(kind, count, seed, "train", difficulty):
+        teacher = f"   teacher: {teacher_mistake(kind, e['prompt'])!r} (weak spot)" if e["weak"] else ""
+        print(f"{e['prompt']!r} -> {e['answer']!r}{teacher}")
 
 
 def main(argv=None):
