@@ -138,7 +138,8 @@ def loglikelihoods(model, rows, device="cpu"):
     logits, _ = model(x)
     logp = logits.float().log_softmax(-1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
     counted = y != -1
-    greedy = ((logits.argmax(-1) == y) | ~counted).all(1)
+    best = logits[..., :model.config.n_tokens].argmax(-1)  # what greedy decoding gives: padding rows are no tokens
+    greedy = ((best == y) | ~counted).all(1)
     return (logp * counted).sum(1).tolist(), counted.sum(1).tolist(), greedy.tolist()
 
 
@@ -478,12 +479,8 @@ def python_checks(texts):
 def unprompted_samples(model, tokenizer, n, length, temperature, seed, device="cpu"):
     """n samples of up to `length` tokens from <|endoftext|> alone, each cut at the next document boundary."""
     start = torch.full((n, 1), tokenizer.eot_id, dtype=torch.long, device=device)
-    out = model.generate(start, length, temperature=temperature, seed=seed)[:, 1:].tolist()
-    samples = []
-    for row in out:
-        row = row[:row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row
-        samples.append([t for t in row if t < tokenizer.vocab_size])  # padded vocabulary rows are no tokens
-    return samples
+    out = model.generate(start, length, temperature=temperature, seed=seed)[:, 1:].tolist()  # never a padding id
+    return [row[:row.index(tokenizer.eot_id)] if tokenizer.eot_id in row else row for row in out]
 
 
 @torch.no_grad()
@@ -493,7 +490,7 @@ def answers(model, tokenizer, prompts, max_new_tokens, temperature=0.0, seed=Non
     for i in range(0, len(prompts), batch):
         ids = [sft.render_prompt([{"role": "user", "content": p}], tokenizer) for p in prompts[i:i + batch]]
         for row in model.generate(ids, max_new_tokens, temperature=temperature, stop_tokens=[end], seed=seed):
-            out.append(tokenizer.decode([t for t in row if t != end and t < tokenizer.vocab_size]))
+            out.append(tokenizer.decode([t for t in row if t != end]))
     return out
 
 

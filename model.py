@@ -35,7 +35,9 @@ from torch.utils.checkpoint import checkpoint
 
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50257         # tokens in the vocabulary (GPT-2: 50257)
+    vocab_size: int = 50257         # rows of the embedding and the output layer (GPT-2: 50257)
+    n_tokens: int | None = None     # ids that are tokens of the tokenizer; None = vocab_size. The rows above are
+    #                                 padding (train.py pads to a multiple of 64 on a GPU): never sampled
     block_size: int = 1024          # longest sequence the model sees, in tokens
     n_layer: int = 12               # transformer blocks
     n_head: int = 12                # query heads
@@ -58,6 +60,11 @@ class GPTConfig:
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.n_tokens is None:  # also a checkpoint saved before this field: every row was a token
+            self.n_tokens = self.vocab_size
+        if self.n_tokens > self.vocab_size:
+            raise ValueError(f"n_tokens={self.n_tokens} is more than vocab_size={self.vocab_size}: every token needs "
+                             f"a row; give a vocab_size of at least {self.n_tokens}")
         choices = {"pos": ("learned", "rope"), "norm": ("layernorm", "rmsnorm"), "mlp": ("gelu", "swiglu", "relu2"),
                    "attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton")}
         for name, allowed in choices.items():
@@ -577,7 +584,9 @@ class GPT(nn.Module):
                         if cache is not None:
                             cache.repeat_rows(n)
                         n = 1
-                next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B, 1)
+                # Only ids below n_tokens are tokens: the rows above are padding, never trained as targets, that
+                # the tokenizer cannot decode. Every sampling path (chat, serve, eval, DPO and RL samples) is here.
+                next_id = sample_next(logits[:, -1, :cfg.n_tokens], temperature, top_k, top_p, generator)  # (B, 1)
                 if len(stop):
                     # A row that stopped repeats its stop token (tensor input) or is fed padding, token 0 (a list).
                     next_id = torch.where(done, idx[:, -1:] if doc is None else torch.zeros_like(next_id), next_id)
@@ -601,33 +610,39 @@ class GPT(nn.Module):
     # --- vocabulary ---
 
     def resize_vocab(self, new_size):
-        """Grow the vocabulary to new_size tokens, for tokens the tokenizer lacks (chat markers added to GPT-2's).
+        """Make the ids below new_size tokens, for tokens the tokenizer lacks (chat markers added to GPT-2's).
 
-        wte gets new rows, and so does lm_head when untied (tied stays one tensor); the old rows, and so
-        the logits of old tokens on old inputs, are unchanged, and config.vocab_size follows. Make the
-        optimizer after this: the parameters are new tensors.
+        The new tokens take the padding rows above config.n_tokens first (train.py pads the vocabulary on a
+        GPU), and wte gets new rows when those are too few, and so does lm_head when untied (tied stays one
+        tensor). The old rows, and so the logits of old tokens on old inputs, are unchanged; config.n_tokens
+        and config.vocab_size follow. Make the optimizer after this: the parameters are new tensors.
         """
-        old_size = self.config.vocab_size
+        old_size, rows = self.config.n_tokens, max(self.config.vocab_size, new_size)
         if new_size < old_size:
             raise ValueError(f"resize_vocab({new_size}) would drop tokens: the vocabulary already has {old_size}")
         if new_size == old_size:
             return  # keep the same parameter tensors (an optimizer made earlier still holds them)
+        generator = torch.Generator().manual_seed(old_size)  # the same base always grows the same rows
 
         def grown(weight):
-            # New rows start at the mean of the old ones (Hewitt 2021, "Initializing new word embeddings for
+            # New rows start near the mean of the old ones (Hewitt 2021, "Initializing new word embeddings for
             # pretrained language models"): a new token's logit h . mean(W) is then exactly the average of the
             # old logits, so it starts near the others. A random row would give a logit near 0, which can sit
             # far above a trained model's typical (negative) logits: the new token would take over sampling
-            # and the first updates would be spent pushing it down.
-            mean = weight.detach().float().mean(dim=0, keepdim=True).to(weight.dtype)  # (1, C)
-            rows = torch.cat([weight.detach(), mean.expand(new_size - old_size, -1)])   # (new_size, C)
-            return nn.Parameter(rows, requires_grad=weight.requires_grad)
+            # and the first updates would be spent pushing it down. Each new row also gets its own noise, a
+            # tenth of the old rows' spread in each dimension: rows that start equal get equal logits, and a
+            # fine-tuning that trains them little could not tell <|end|> from <|system|>.
+            old = weight.detach()[:old_size].float()                        # the tokens' rows, never padding
+            noise = torch.randn(new_size - old_size, old.size(1), generator=generator).to(old.device)
+            new = (old.mean(dim=0) + 0.1 * old.std(dim=0) * noise).to(weight.dtype)  # (new_size - old_size, C)
+            kept = weight.detach()[new_size:]                                # padding left above the new tokens
+            return nn.Parameter(torch.cat([weight.detach()[:old_size], new, kept]), requires_grad=weight.requires_grad)
 
         wte = self.transformer.wte
-        wte.weight, wte.num_embeddings = grown(wte.weight), new_size
+        wte.weight, wte.num_embeddings = grown(wte.weight), rows
         self.lm_head.weight = wte.weight if self.config.tie_embeddings else grown(self.lm_head.weight)
-        self.lm_head.out_features = new_size
-        self.config.vocab_size = new_size
+        self.lm_head.out_features = rows
+        self.config.vocab_size, self.config.n_tokens = rows, new_size
 
     # --- size, FLOPs and MFU ---
 

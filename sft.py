@@ -78,6 +78,11 @@ B starts at zero, so the fine-tuned model starts exactly as the pretrained one. 
 (in + out) numbers per matrix instead of in x out. alpha / r scales the update so that changing r does not
 change how far a step moves the output (alpha = r gives scale 1). After training, merge_lora folds
 (alpha / r) B A into W, and the model is an ordinary GPT again, with no extra cost at inference.
+
+A base whose tokenizer lacked the chat tokens (GPT-2's) gets new rows for them (GPT.resize_vocab). LoRA freezes
+the embedding, which is also the output layer, so those rows would keep their starting values and the model could
+never learn what <|end|> means, nor stop. Their rows train with the adapters (PEFT's trainable_token_indices), are
+saved in adapter.pt with them, and are copied into the embedding at the merge.
 """
 import json
 import math
@@ -92,6 +97,7 @@ import tiktoken
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -453,11 +459,47 @@ class LoRALinear(nn.Module):
         return self.base
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_fc")):
+class TrainableTokens(nn.Module):
+    """The token embedding (nn.Embedding) or output layer (nn.Linear) with the rows of ids new_tokens = [first, end)
+    trainable and every other row frozen (PEFT's trainable_token_indices).
+
+    The rows are a parameter of their own, lora_rows (end - first, C), so the optimizer holds only them (and weight
+    decay reaches no frozen row) and adapter.pt saves them with the adapters. With tied embeddings the output layer
+    is given the embedding's lora_rows: one tensor still. The whole weight is put together at each call, a copy
+    of the table that is small next to the forward pass it feeds.
+    """
+
+    def __init__(self, base, new_tokens, rows=None):
+        super().__init__()
+        self.base, (self.first, self.end) = base, new_tokens
+        base.weight.requires_grad_(False)
+        self.lora_rows = rows if rows is not None else nn.Parameter(base.weight.detach()[self.first:self.end].clone())
+
+    @property
+    def weight(self):
+        """(V, C), read by GPT as lm_head.weight (the fused loss) and wte.weight (the device and dtype)."""
+        w = self.base.weight
+        return torch.cat([w[:self.first], self.lora_rows, w[self.end:]])
+
+    def forward(self, x):
+        if isinstance(self.base, nn.Embedding):
+            return F.embedding(x, self.weight)  # token ids (B, T) -> (B, T, C)
+        return F.linear(x, self.weight)         # hidden states (B, T, C) -> logits (B, T, V)
+
+    def merged(self):
+        """The base module with the trained rows copied in."""
+        with torch.no_grad():
+            self.base.weight[self.first:self.end] = self.lora_rows
+        return self.base
+
+
+def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"), new_tokens=None):
     """Freeze every parameter of model, then wrap each nn.Linear named in targets with a LoRALinear. -> model.
 
-    lm_head is never wrapped: it is the token embedding too (tied), and a chat-token row added by resize_vocab
-    would stay untrained. Names: c_attn (q, k, v), c_proj (attention and MLP outputs), c_fc (MLP input)."""
+    lm_head gets no adapter: it is the token embedding too (tied). new_tokens [first, end), when given, are ids
+    whose rows resize_vocab has just made (chat tokens the base lacked): frozen, they would keep their starting
+    values, so they train instead (TrainableTokens, in wte and lm_head). Names: c_attn (q, k, v), c_proj
+    (attention and MLP outputs), c_fc (MLP input)."""
     for p in model.parameters():
         p.requires_grad_(False)
     wrapped = 0
@@ -468,6 +510,10 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_
                 wrapped += 1
     if not wrapped:
         raise SFTError(f"--lora-targets {' '.join(targets)} matched no Linear layer; use c_attn, c_proj, c_fc")
+    if new_tokens is not None:
+        wte, tied = model.transformer.wte, model.lm_head.weight is model.transformer.wte.weight
+        model.transformer.wte = TrainableTokens(wte, new_tokens)
+        model.lm_head = TrainableTokens(model.lm_head, new_tokens, model.transformer.wte.lora_rows if tied else None)
     return model
 
 
@@ -475,7 +521,7 @@ def merge_lora(model):
     """Fold every adapter into its base weight and unwrap it: an ordinary GPT again. -> model."""
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
-            if isinstance(child, LoRALinear):
+            if isinstance(child, (LoRALinear, TrainableTokens)):
                 setattr(module, name, child.merged())
     for p in model.parameters():
         p.requires_grad_(True)
@@ -521,7 +567,8 @@ def tokenizer_of(ckpt, data_dir=None):
 
 def load_base(path, data_dir=None):
     """(model, chat tokenizer, tokenizer folder, checkpoint dict) for a forge checkpoint or a Hugging Face GPT-2
-    folder. A LoRA checkpoint comes back merged. The vocabulary grows when the tokenizer gained chat tokens."""
+    folder. A LoRA checkpoint comes back merged. The vocabulary grows when the tokenizer gained chat tokens, and
+    the checkpoint dict's "new_tokens" is then [first, end) of the ids given new rows here (else None)."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, "config.json")):
         model = GPT.from_pretrained(path)
         tokenizer, data_dir = with_chat_tokens(data.load_tokenizer(data_dir or "gpt2")), data_dir or "gpt2"
@@ -530,14 +577,18 @@ def load_base(path, data_dir=None):
         ckpt = train.load_checkpoint(path)
         tokenizer, data_dir = tokenizer_of(ckpt, data_dir)
         model = GPT(GPTConfig(**ckpt["model_config"]))
+        if "n_tokens" not in ckpt["model_config"]:  # saved before the field: rows past the tokenizer's are padding
+            model.config.n_tokens = min(model.config.vocab_size, tokenizer.vocab_size)
         if ckpt.get("lora"):
             apply_lora(model, **ckpt["lora"])
         model.load_state_dict(ckpt["model"])
         if ckpt.get("lora"):
             merge_lora(model)
-    if model.config.vocab_size < tokenizer.vocab_size:
+    new_tokens = None
+    if model.config.n_tokens < tokenizer.vocab_size:
+        new_tokens = [model.config.n_tokens, tokenizer.vocab_size]
         model.resize_vocab(tokenizer.vocab_size)
-    return model, tokenizer, data_dir, ckpt
+    return model, tokenizer, data_dir, {**ckpt, "new_tokens": new_tokens}
 
 
 # --- evaluation ---
@@ -662,7 +713,7 @@ def main(cfg):
     if unknown:
         raise SFTError(f"--kinds {' '.join(unknown)}: unknown; choose from {', '.join(tasks.KINDS)}")
     init = find_init(cfg.init)
-    model, tokenizer, data_dir, _ = load_base(init, cfg.data_dir)
+    model, tokenizer, data_dir, base_ckpt = load_base(init, cfg.data_dir)
     cfg = derive(cfg, model.config.block_size)
     if cfg.seq_len > model.config.block_size:
         raise SFTError(f"--seq-len {cfg.seq_len} is longer than the model's block_size {model.config.block_size}")
@@ -712,6 +763,8 @@ def main(cfg):
     lora = None
     if cfg.lora_rank:
         lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=list(cfg.lora_targets))
+        if base_ckpt["new_tokens"]:  # the chat tokens' rows are new (a GPT-2 base): they train too
+            lora["new_tokens"] = base_ckpt["new_tokens"]
         apply_lora(model, **lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train.print0(f"model: {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train"

@@ -464,17 +464,19 @@ def derive(cfg, rt):
 
 def padded_vocab_size(vocab_size, device_type):
     """On CUDA the vocabulary is padded up to a multiple of 64 (GPT-2's 50257 -> 50304), which makes the output
-    matmul markedly faster. The extra rows are never targets."""
+    matmul markedly faster. The extra rows are never targets, and never sampled (GPTConfig.n_tokens)."""
     return 64 * math.ceil(vocab_size / 64) if device_type == "cuda" else vocab_size
 
 
 def build_model_config(cfg, vocab_size, device_type="cpu"):
-    """The model for the preset and overrides, with the vocabulary padded for the device."""
+    """The model for the preset and overrides, with the vocabulary padded for the device. The loss runs over every
+    row, padding too (the fused loss of kernels="triton" sees no mask either): a padding row is never a target, so
+    training only pushes its logit down; generation alone leaves the padding out."""
     overrides = {k: getattr(cfg, k) for k in ("n_layer", "n_head", "n_embd") if getattr(cfg, k) is not None}
-    vocab_size = padded_vocab_size(vocab_size, device_type)
     try:
-        return config_from_preset(cfg.preset, vocab_size=vocab_size, block_size=cfg.seq_len, attn=cfg.attn,
-                                  kernels=cfg.kernels, dropout=cfg.dropout, **overrides)
+        return config_from_preset(cfg.preset, vocab_size=padded_vocab_size(vocab_size, device_type),
+                                  n_tokens=vocab_size, block_size=cfg.seq_len, attn=cfg.attn, kernels=cfg.kernels,
+                                  dropout=cfg.dropout, **overrides)
     except ValueError as e:
         raise TrainError(str(e)) from None
 
@@ -486,7 +488,9 @@ def check_resume(ckpt, path, model_config, tokenizer_hash, data_dir):
                          f"shards in {data_dir} use tokenizer {tokenizer_hash}; use the same --data-dir")
     theirs, ours = ckpt["model_config"], asdict(model_config)
     for key in ours:
-        if key not in ("attn", "kernels") and theirs.get(key) != ours[key]:  # attn/kernels change no weights
+        # attn/kernels change no weights; n_tokens is the tokenizer's size, already checked by its hash (and absent
+        # from checkpoints saved before the field)
+        if key not in ("attn", "kernels", "n_tokens") and theirs.get(key) != ours[key]:
             raise TrainError(f"cannot resume {path}: it has {key}={theirs.get(key)!r} but this run has "
                              f"{key}={ours[key]!r}; pass the same model flags or a new --out-dir")
 
@@ -648,8 +652,7 @@ def main(cfg):
         start = torch.full((cfg.samples, 1), tokenizer.eot_id, dtype=torch.long, device=rt.device)
         out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         for i, row in enumerate(out.tolist()):
-            ids = [t for t in row[1:] if t < tokenizer.vocab_size]  # padded vocabulary rows are no tokens
-            print0(f"--- sample {i + 1} ---\n{tokenizer.decode(ids)}")
+            print0(f"--- sample {i + 1} ---\n{tokenizer.decode(row[1:])}")  # never a padding id (GPT.generate)
     if rt.master and done == cfg.max_steps:  # a complete run: the next stage and the report read this
         summary = {"stage": "pretrain", "checkpoint": list_checkpoints(cfg.out_dir)[-1], "steps": done,
                    "tokens": done * total_batch_tokens, "val_loss": val_loss, "val_bpb": val_bpb,

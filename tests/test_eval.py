@@ -17,6 +17,7 @@ import sysconfig
 
 import numpy as np
 import pytest
+import tiktoken
 import torch
 
 import data
@@ -106,6 +107,30 @@ def test_embedded_mc_set_is_well_formed():
     items = ev.embedded_mc(["add", "reverse", "python", "safety"], 5)
     assert len(items) == 15 and all(len(it["choices"]) == 4 and len(set(it["choices"])) == 4 for it in items)
     assert len({it["label"] for it in items}) > 1  # the right answer is not always first
+
+
+def byte_tokenizer():
+    """256 byte tokens and forge's five special tokens: 261 ids, which a GPU run pads to 320 rows."""
+    enc = tiktoken.Encoding(name="bytes", pat_str=data.SPLIT_PATTERN,
+                            mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={s: 256 + i for i, s in enumerate(data.SPECIAL_TOKENS)})
+    return data.Tokenizer(enc, "bytes")
+
+
+def test_samples_answers_and_greedy_checks_never_take_a_padding_id():
+    tok = byte_tokenizer()
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", vocab_size=320, n_tokens=tok.vocab_size, block_size=32)).eval()
+    bias = torch.zeros(320)
+    bias[tok.vocab_size:] = 30.0  # a padding id would win every step without the mask
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    samples = ev.unprompted_samples(model, tok, 3, 12, temperature=1.0, seed=0)
+    assert sum(map(len, samples)) > 0 and max(t for s in samples for t in s) < tok.vocab_size
+    answers = ev.answers(model, tok, ["hi", "say yo"], 8) + ev.answers(model, tok, ["hi"], 8, temperature=1.0, seed=0)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    # the memorisation check asks whether greedy decoding gives the continuation: padding is never what it gives
+    greedy_ids = model.generate([[tok.eot_id, 104, 105]], 4, temperature=0)[0]
+    assert ev.loglikelihoods(model, [([tok.eot_id, 104, 105, *greedy_ids], 3)])[2] == [True]
 
 
 # --- memorisation index ---

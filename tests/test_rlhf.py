@@ -17,11 +17,14 @@ import sys
 from dataclasses import replace
 
 import pytest
+import tiktoken
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import data  # noqa: E402
+import dpo  # noqa: E402
 import rlhf  # noqa: E402
 import sft  # noqa: E402
 import tasks  # noqa: E402
@@ -483,3 +486,22 @@ def test_the_flawed_teacher_experiment_writes_its_table_of_three_rows(pretrained
         assert all(0 <= r[k] <= 1 for k in ("all", "weak spot", "elsewhere"))
     teacher = [json.loads(line) for line in open(tmp_path / "ft" / "flawed_teacher.jsonl")]
     assert len(teacher) == 4000 and all(len(c["messages"]) == 2 for c in teacher[:10])
+
+
+def test_rollouts_and_on_policy_pairs_of_a_padded_model_never_sample_padding():
+    enc = tiktoken.Encoding(name="bytes", pat_str=data.SPLIT_PATTERN,
+                            mergeable_ranks={bytes([i]): i for i in range(256)},
+                            special_tokens={s: 256 + i for i, s in enumerate(data.SPECIAL_TOKENS)})
+    tok = data.Tokenizer(enc, "bytes")  # 261 ids, which a GPU run pads to 320 rows
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", vocab_size=320, n_tokens=tok.vocab_size, block_size=64)).eval()
+    bias = torch.zeros(320)
+    bias[tok.vocab_size:] = 30.0  # a padding id would win every step without the mask
+    model.lm_head.register_forward_hook(lambda module, args, out: out + bias)
+    rt, examples = RT, tasks.generate("copy", 2, 0, "train", 1)
+    for shared in (True, False):
+        cfg = rlhf.RLConfig(max_new_tokens=8, temperature=1.0, shared_prefill=shared)
+        ro = rlhf.rollout(model, tok, examples, rt, cfg, 3, seed=0)  # decodes every answer
+        assert len(ro.answers) == 6 and max(max(a) for a in ro.answers) < tok.vocab_size
+    answers = dpo.sample_answers(model, tok, [e["messages"][:-1] for e in examples], rt, 2, 1.0, 8, seed=0)
+    assert [len(a) for a in answers] == [2, 2]

@@ -217,6 +217,39 @@ def test_unmatched_lora_targets_are_an_error():
         sft.apply_lora(tiny_gpt(), 2, 2, targets=("q_proj",))
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_lora_trains_the_new_token_rows_and_they_reload_and_merge_exactly(tied):
+    def base():
+        model = tiny_gpt(tie_embeddings=tied)
+        model.resize_vocab(68)  # four chat tokens the base lacked: rows 64..67
+        return model
+
+    model = sft.apply_lora(base(), rank=4, alpha=8, new_tokens=[64, 68])
+    x = torch.cat([torch.randint(0, 64, (2, 12)), torch.arange(64, 68).expand(2, 4)], dim=1)  # old and new ids
+    torch.testing.assert_close(model(x)[0], base()(x)[0])  # the rows start as resize_vocab made them
+    model(x, x)[1].backward()
+    trained = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    rows = [p for n, p in trained.items() if ".lora_rows" in n]
+    assert len(rows) == (1 if tied else 2) and all(p.shape == (4, 96) and p.grad.abs().sum() > 0 for p in rows)
+    assert all(".lora_" in n for n in trained)  # the old rows and every other weight stay frozen
+    with torch.no_grad():
+        for p in trained.values():
+            p.add_(0.05 * torch.randn_like(p))
+    expected = model.eval()(x)[0]
+    adapter = sft.lora_state(model)  # what adapter.pt holds: the adapters and the new rows
+    assert any(".lora_rows" in k for k in adapter)
+    reloaded = sft.apply_lora(base(), rank=4, alpha=8, new_tokens=[64, 68])
+    missing, unexpected = reloaded.load_state_dict(adapter, strict=False)
+    assert not unexpected and not any(".lora_" in k for k in missing)
+    torch.testing.assert_close(reloaded.eval()(x)[0], expected)
+    merged = sft.merge_lora(reloaded)
+    wte = merged.transformer.wte
+    assert type(wte) is torch.nn.Embedding and type(merged.lm_head) is torch.nn.Linear
+    assert (merged.lm_head.weight is wte.weight) == tied
+    torch.testing.assert_close(merged(x)[0], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(wte.weight[:64], base().transformer.wte.weight[:64])
+
+
 # --- a tokenizer without the chat tokens ---
 
 def test_chat_tokens_are_added_as_new_rows(tok):
@@ -371,6 +404,40 @@ def test_a_hugging_face_gpt2_without_chat_tokens_is_fine_tuned_with_new_rows(pre
     model, chat_tok, _, ckpt = sft.load_base(summary["checkpoint"])
     assert model.config.vocab_size == n_vocab + 4 == chat_tok.vocab_size
     assert chat_tok.special_ids["<|assistant|>"] == n_vocab + 2 and ckpt["base"] == str(tmp_path / "hf")
+
+
+def base_without_chat_tokens(pretrained, tok, tmp_path):
+    """The session's pretrained checkpoint cut down to a base that, like GPT-2, never had the chat tokens: a
+    tokenizer with <|endoftext|> as its only special token, a model with rows for its ids only. -> (path, folder)"""
+    standin = tmp_path / "tok"
+    data.save_tokenizer(tok.enc._mergeable_ranks, standin)
+    info = json.loads((standin / "tokenizer.json").read_text())
+    info["special_tokens"] = {"<|endoftext|>": info["special_tokens"]["<|endoftext|>"]}
+    (standin / "tokenizer.json").write_text(json.dumps(info))
+    bare = data.load_tokenizer(str(standin))
+    ckpt, n = train.load_checkpoint(pretrained["ckpt"]), bare.vocab_size
+    ckpt["model"] = {k: v[:n] if k in ("transformer.wte.weight", "lm_head.weight") else v
+                     for k, v in ckpt["model"].items()}
+    ckpt["model_config"] = {**ckpt["model_config"], "vocab_size": n, "n_tokens": n}
+    ckpt.update(tokenizer_hash=bare.hash, tokenizer_dir=str(standin))
+    torch.save(ckpt, tmp_path / "base.pt")
+    return str(tmp_path / "base.pt"), str(standin)
+
+
+def test_lora_on_a_base_without_chat_tokens_learns_to_stop(pretrained, tok, tmp_path):
+    # Issue 18: the four chat tokens were added as equal rows that LoRA froze, so <|end|> could never be more
+    # likely than <|system|>, and greedy answers never ended.
+    init, standin = base_without_chat_tokens(pretrained, tok, tmp_path)
+    summary = sft.main(sft_cfg(pretrained, tmp_path / "lora", init=init, data_dir=standin, lora_rank=8, lr=1e-2,
+                               max_steps=100, eval_every=100, save_every=100, eval_examples=20))
+    assert summary["lora"]["new_tokens"] == [tok.vocab_size - 4, tok.vocab_size]
+    adapter = torch.load(tmp_path / "lora" / "adapter.pt", weights_only=True)
+    assert any(".lora_rows" in k for k in adapter["state"])
+    model, chat, _, _ = sft.load_base(summary["checkpoint"])
+    end = chat.special_ids["<|end|>"]
+    prompts = [sft.render_prompt(ex["messages"][:-1], chat) for ex in tasks.heldout("copy", 20, 1)]
+    outs = model.generate(prompts, 16, temperature=0, stop_tokens=[end])
+    assert sum(len(out) > 1 and out[-1] == end for out in outs) >= 15, outs  # an answer, then <|end|>
 
 
 def test_torchrun_on_two_cpu_processes_equals_one_process(pretrained, tmp_path):

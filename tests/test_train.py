@@ -376,6 +376,8 @@ def test_the_vocabulary_is_padded_to_64_on_cuda_only():
     cfg = train.TrainConfig(preset="tiny", seq_len=32)
     assert train.build_model_config(cfg, 300, "cuda").vocab_size == 320
     assert train.build_model_config(cfg, 300, "cpu").vocab_size == 300
+    # the model knows which ids are tokens, so generation never samples a padding row (issue 18)
+    assert [train.build_model_config(cfg, 300, device).n_tokens for device in ("cuda", "cpu")] == [300, 300]
 
 
 def test_triton_kernels_without_a_gpu_or_interpreter_say_why(data_dir, tmp_path, capsys, monkeypatch):
