@@ -590,6 +590,7 @@ class Tokenizer:
         self.special_ids = {s: enc.encode_single_token(s) for s in sorted(enc.special_tokens_set)}
         self.vocab_size = enc.n_vocab
         self.eot_id = self.special_ids[SPECIAL_TOKENS[0]]
+        self._token_bytes = None  # made on first use by token_bytes()
 
     def encode(self, text, allow_special=False):
         return self.enc.encode(text, allowed_special="all") if allow_special else self.enc.encode_ordinary(text)
@@ -599,6 +600,18 @@ class Tokenizer:
 
     def decode(self, ids):
         return self.enc.decode(list(ids))
+
+    def token_bytes(self):
+        """(vocab_size,) int64 tensor: how many bytes of text each token stands for; 0 for special tokens.
+
+        Bits per byte divides a loss by the bytes of exactly the tokens it scored: a document's bytes are the
+        sum of its tokens' (byte-level BPE loses nothing), and the boundary token adds none, as in the split
+        counts of meta.json."""
+        if self._token_bytes is None:
+            special = set(self.special_ids.values())
+            self._token_bytes = torch.tensor([0 if i in special else len(self.enc.decode_single_token_bytes(i))
+                                              for i in range(self.vocab_size)], dtype=torch.long)
+        return self._token_bytes
 
 
 def _tokenizer_hash(files):

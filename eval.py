@@ -30,6 +30,7 @@ Bad input (not a checkpoint, a half-written one, a bad --mc line, a data folder 
 one line on stderr and exit status 2. Tests: python -m pytest -q tests/test_eval.py
 """
 import ast
+import contextlib
 import json
 import math
 import os
@@ -606,8 +607,7 @@ def evaluate(cfg, ckpt_path):
             batches = [train.to_device(loader.next_batch(), rt) for _ in range(min(cfg.lm_batches,
                                                                                    loader.n_windows // cfg.batch_size))]
             loss = train.evaluate(model, batches, rt)
-            val = meta["splits"]["val"]
-            return {"val_loss": loss, "val_bpb": loss / math.log(2) / (val["bytes"] / val["tokens"]),
+            return {"val_loss": loss, "val_bpb": train.bits_per_byte(loss, batches, tokenizer.token_bytes(), rt),
                     "tokens": sum(b[1].numel() for b in batches)}
         timed("lm", lm)
     if "accuracy" in wanted:
@@ -1099,7 +1099,10 @@ def cli(argv=None):
             return
         if not args.ckpt:
             raise EvalError("give a checkpoint (file or run folder), or --report DIR")
-        result = evaluate(cfg, args.ckpt)
+        # With --json stdout carries the document alone (`eval.py out/sft --json | jq .lm`): every progress line
+        # on the way, the sections' timings and whatever the stages' loaders print, goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr) if cfg.json else contextlib.nullcontext():
+            result = evaluate(cfg, args.ckpt)
         print(json.dumps(result, indent=1) if cfg.json else table(result) + f"\nwrote {result['written_to']}")
     except (train.TrainError, data.DataError, tasks.TaskError) as e:
         print(f"error: {e}", file=sys.stderr)

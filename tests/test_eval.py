@@ -207,8 +207,9 @@ def test_evaluate_writes_eval_json_with_the_sections(pretrained, tmp_path):
     cfg = ev.EvalConfig(tasks=["lm", "mc", "domain", "pii", "memorization", "answers"], lm_batches=2, mc_items=3,
                         samples=8, sample_tokens=64, extraction=8, out=str(out), device="cpu")
     result = ev.evaluate(cfg, pretrained["out_dir"])
-    final_val = [r for r in train.read_metrics(pretrained["out_dir"]) if "val_loss" in r][-1]["val_loss"]
-    assert result["lm"]["val_loss"] == pytest.approx(final_val, rel=1e-4)  # train.py's own 2 validation batches
+    final = [r for r in train.read_metrics(pretrained["out_dir"]) if "val_loss" in r][-1]
+    assert result["lm"]["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)  # train.py's own 2 val batches
+    assert result["lm"]["val_bpb"] == pytest.approx(final["val_bpb"], rel=1e-4)    # the same bytes, the same bpb
     assert set(result["mc"]["embedded"]) >= set(ev.NORMS)
     assert 0 <= result["domain"]["samples"]["parse"] <= 1 and result["pii"]["samples"] == 8
     assert len(result["answers"]) == len(ev.ANSWER_PROMPTS)
@@ -319,6 +320,13 @@ def test_report_of_a_pretraining_run_under_way_reads_its_metrics(tmp_path):
 
 
 # --- bad input: one line, exit 2 ---
+
+def test_json_flag_writes_the_document_alone_on_stdout(pretrained, tmp_path):
+    r = run_cli(pretrained["ckpt"], "--tasks", "lm", "--lm-batches", "1", "--json", "--out", str(tmp_path / "e.json"))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["lm"]["val_bpb"] > 0  # the whole of stdout parses (`| python -m json.tool`)
+    assert "lm:" in r.stderr                          # the progress lines went to stderr
+
 
 def test_bad_input_is_one_line_and_exit_2(pretrained, canary_run, tmp_path):
     not_ckpt = tmp_path / "notes.pt"

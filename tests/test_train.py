@@ -430,6 +430,51 @@ def test_command_line_trains_evaluates_saves_and_samples(data_dir, tmp_path):
     assert plotted.returncode == 0 and os.path.getsize(tmp_path / "loss_compare.png") > 0
 
 
+def exact_bpb(model, batches, tokenizer):
+    """The reference: summed nats of every scored target over ln 2, over the UTF-8 bytes those targets decode to
+    (what lm-evaluation-harness computes), written out without train.py's helpers."""
+    special = set(tokenizer.special_ids.values())
+    nats, n_bytes = 0.0, 0
+    with torch.no_grad():
+        for x, y in batches:
+            logits, _ = model.eval()(x, y)
+            nats += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1),
+                                                      ignore_index=-1, reduction="sum").item()
+            n_bytes += len(tokenizer.enc.decode_bytes([t for t in y.flatten().tolist() if t != -1 and t not in special]))
+    return nats / math.log(2) / n_bytes
+
+
+def test_bits_per_byte_counts_the_bytes_of_exactly_the_scored_tokens(data_dir):
+    tokenizer = data.load_tokenizer(data_dir)
+    loader = data.TokenLoader(data_dir, "val", 4, 32, shuffle=False)
+    batches = [loader.next_batch() for _ in range(2)]
+    x, y = batches[1]
+    y[0, :10] = -1  # ignored targets are neither scored nor counted
+    model = tiny_model(vocab_size=tokenizer.vocab_size, block_size=32)
+    loss = train.evaluate(model, batches, CPU)
+    assert train.bits_per_byte(loss, batches, tokenizer.token_bytes(), CPU) == pytest.approx(
+        exact_bpb(model, batches, tokenizer), rel=1e-6)
+    # The special token is no text: the boundary adds no bytes, as in meta.json's split counts.
+    assert tokenizer.token_bytes()[tokenizer.eot_id] == 0
+
+
+def test_the_run_reports_the_exact_bpb_of_its_validation_batches(data_dir, tmp_path):
+    # Two batches of the val split, whose bytes per token differ from the whole split's: the reported bpb is
+    # that of the tokens scored (the split's average would be off by their difference).
+    run = tmp_path / "run"
+    result = train.main(tiny_cfg(data_dir, run, max_steps=3, eval_batches=2))
+    tokenizer = data.load_tokenizer(data_dir)
+    loader = data.TokenLoader(data_dir, "val", 4, 32, shuffle=False)
+    batches = [loader.next_batch() for _ in range(2)]
+    split = data.load_meta(data_dir)["splits"]["val"]
+    special = set(tokenizer.special_ids.values())
+    scored = sum(len(tokenizer.enc.decode_bytes([t for t in y.flatten().tolist() if t not in special]))
+                 for _, y in batches)
+    assert scored / sum(b[1].numel() for b in batches) != pytest.approx(split["bytes"] / split["tokens"], rel=1e-3)
+    assert result["val_bpb"] == pytest.approx(result["val_loss"] * sum(b[1].numel() for b in batches)
+                                              / math.log(2) / scored, rel=1e-9)
+
+
 def test_torchrun_on_two_cpu_processes_equals_one_process_with_accumulation(data_dir, tmp_path):
     # 512 tokens per step: 4 x 32 x 2 ranks x 2 micro-steps under torchrun, 4 x 32 x 1 x 4 in one process.
     # The loader hands rank r of world W the items r*B.. of each W*B-item slice, so both read the same tokens.
