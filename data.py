@@ -30,6 +30,7 @@ import inspect
 import json
 import os
 import re
+import shlex
 import shutil
 import struct
 import sys
@@ -1010,6 +1011,10 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # prepare writes into <out>.partial and removes it on the way out
+        print(f"interrupted; the data folder is as it was before this run; run again with: python data.py "
+              f"{shlex.join(sys.argv[1:] if argv is None else argv)}".rstrip(), file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -1107,6 +1107,8 @@ def cli(argv=None):
     except (train.TrainError, data.DataError, tasks.TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # eval.json and report.md are written whole at the end, or not at all
+        train.interrupted("eval.py", argv)
 
 
 if __name__ == "__main__":

@@ -929,6 +929,8 @@ def main(argv=None):
     except (train.TrainError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
+    except KeyboardInterrupt:  # while loading, or exporting (the folder is written whole at the end, or not)
+        train.interrupted("serve.py", argv)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import math
 import os
 import random
 import re
+import shlex
 import sys
 import time
 from contextlib import nullcontext
@@ -190,6 +191,8 @@ def lr_at(step, cfg):
       wsd:      flat at lr, then linear down to min_lr over the last cooldown_frac of the steps (Hu et al. 2024,
                 MiniCPM): the flat part can be extended later without restarting the decay
       constant: flat at lr
+    The warmup is lr (step + 1) / warmup_steps, so the first step already moves the weights; Hugging Face's
+    get_linear_schedule_with_warmup gives lr step / warmup_steps, one step later (its step 0 has lr 0).
     """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
@@ -377,6 +380,40 @@ def model_from_checkpoint(ckpt, **overrides):
 
 
 # --- metrics and plots ---
+
+def interrupted(script, argv, out_dir=None, resumable=True):
+    """Ctrl-C in any stage: one line on stderr instead of a traceback from deep inside autograd, then exit status
+    130 (128 + SIGINT, what a shell reports for it). Every stage's command line ends this way.
+
+    Nothing is left half-written: checkpoints and summaries go to a .tmp file that is then renamed, so all
+    Ctrl-C can cut short is a .tmp, removed here. The newest checkpoint is whole, and `--resume auto` continues
+    from it exactly as the run would have gone on. The step reached is the last one metrics.jsonl logged."""
+    argv, line, checkpoints = list(sys.argv[1:] if argv is None else argv), "interrupted", []
+    if out_dir and os.path.isdir(out_dir):
+        for name in os.listdir(out_dir):
+            if name.endswith(".tmp"):
+                os.remove(os.path.join(out_dir, name))
+        metrics = os.path.join(out_dir, "metrics.jsonl")
+        logged = read_metrics(out_dir) if os.path.isfile(metrics) else []
+        if logged and "step" in logged[-1]:
+            line += f" after step {logged[-1]['step']}"
+        checkpoints = list_checkpoints(out_dir)
+        line += f"; newest checkpoint {checkpoints[-1]}" if checkpoints else f"; no checkpoint in {out_dir} yet"
+    if resumable and checkpoints:
+        args, i = [], 0
+        while i < len(argv):  # the same command, its --resume (if any) replaced by --resume auto
+            if argv[i] in ("--resume", "--stop-at") or argv[i].startswith(("--resume=", "--stop-at=")):
+                i += 1 if "=" in argv[i] else 2
+                continue
+            args.append(argv[i])
+            i += 1
+        line += f"; continue with: python {script} {shlex.join(args + ['--resume', 'auto'])}"
+    else:
+        line += f"; run again with: python {script} {shlex.join(argv)}".rstrip()
+    if int(os.environ.get("RANK", 0)) == 0:  # under torchrun every rank gets the Ctrl-C: one line, not N
+        print(line, file=sys.stderr, flush=True)
+    sys.exit(130)
+
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -775,6 +812,8 @@ def cli(argv=None):
     except (TrainError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
+    except KeyboardInterrupt:
+        interrupted("train.py", argv, None if args.plot else cfg.out_dir, resumable=not (args.plot or args.sweep))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

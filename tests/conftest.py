@@ -63,3 +63,59 @@ def sft_checkpoint(pretrained, tmp_path_factory):
                                      log_every=100, device="cpu", max_new_tokens=16,
                                      replay=0.0))  # all 8 rows conversations: the later stages need answers
     return {"ckpt": summary["checkpoint"], "summary": summary, "out_dir": out_dir}
+
+
+# --- Ctrl-C in a training stage ---
+
+# The stage's command line with a real SIGINT (what Ctrl-C sends) raised as its n-th optimizer step begins.
+INTERRUPT_AT_STEP = """
+import os, signal, sys
+sys.path.insert(0, os.getcwd())
+import train, {module}
+step, calls = train.train_step, [0]
+def interrupting_step(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == {n}:
+        os.kill(os.getpid(), signal.SIGINT)
+    return step(*args, **kwargs)
+train.train_step = interrupting_step
+{module}.cli(sys.argv[1:])
+"""
+
+
+@pytest.fixture
+def ctrl_c():
+    """ctrl_c(module, n, *args or config) -> the finished `python module.py args` that got Ctrl-C during its n-th
+    step; ctrl_c.continues(result) -> the run of the command its one line says continues it."""
+    import shlex
+    import subprocess
+
+    def flags(cfg):  # a stage's config dataclass as its command line: the fields that differ from the defaults
+        import dataclasses
+        args = []
+        for f in dataclasses.fields(cfg):
+            value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if value == default:
+                continue
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            elif isinstance(value, list):
+                args += [flag, *map(str, value)]
+            else:
+                args += [flag, str(value)]
+        return args
+
+    def run(module, n, *args):
+        if len(args) == 1 and not isinstance(args[0], str):
+            args = flags(args[0])
+        return subprocess.run([sys.executable, "-c", INTERRUPT_AT_STEP.format(module=module, n=n), *args], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def continues(result):
+        command = shlex.split(result.stderr.split("continue with: ", 1)[1])
+        assert command[0] == "python" and "--resume" in command, command
+        return subprocess.run([sys.executable, *command[1:]], cwd=ROOT, capture_output=True, text=True,
+                              timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    run.continues = continues
+    return run

@@ -238,6 +238,18 @@ def test_resume_continues_bitwise_after_a_stop_and_after_kill_9(data_dir, tmp_pa
         assert losses(tmp_path / name) == reference, name  # bitwise: the floats compare equal
 
 
+def test_ctrl_c_stops_with_one_line_and_status_130_and_its_command_continues(data_dir, tmp_path, ctrl_c):
+    args = cli_args(data_dir, tmp_path / "run", max_steps=8, save_every=4)
+    stopped = ctrl_c("train", 7, *args)
+    assert stopped.returncode == 130, stopped.stderr
+    assert stopped.stderr.count("\n") == 1 and "Traceback" not in stopped.stderr, stopped.stderr
+    assert "after step 6" in stopped.stderr and "ckpt_000004.pt" in stopped.stderr, stopped.stderr
+    assert not [f for f in os.listdir(tmp_path / "run") if f.endswith(".tmp")]
+    resumed = ctrl_c.continues(stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout and steps_logged(tmp_path / "run") == list(range(1, 9))
+
+
 def test_interrupted_save_leaves_previous_checkpoint_loadable(tmp_path, monkeypatch):
     model = tiny_model()
     opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.1)
