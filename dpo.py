@@ -55,8 +55,13 @@ The family, each a different answer to "how hard should h be pushed":
 
     IPO  (Azar et al. 2023)      L = (h - 1/(2 beta))^2. With deterministic preferences DPO's optimum is h -> inf
                                  (the KL term stops mattering); IPO regresses h to a finite target instead.
+                                 h is on summed log-probs here, as in the paper and the rest of the family; TRL
+                                 averages them per token first, so its beta is not portable (loss 100 against
+                                 22.9 at beta 0.1 on the same pairs): --ipo-per-token gives TRL's.
     cDPO (Mitchell 2023)         L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h): each label is wrong
                                  with probability eps (--label-smoothing); the optimum h is log((1-eps)/eps)/beta.
+                                 This is TRL's sigmoid loss with label_smoothing, not its `robust` loss (the
+                                 unbiased variant of Chowdhury et al. 2024, which divides by 1 - 2 eps).
     SimPO (Meng et al. 2024)     L = -log sigma(beta (log pi(y_c|x)/|y_c| - log pi(y_r|x)/|y_r|) - gamma): no
                                  reference at all; the reward is the mean token log-prob (what generation ranks
                                  answers by), and gamma is a target margin. Its beta is larger (default 2).
@@ -71,6 +76,7 @@ then fell to 0.37 while its loss and reward accuracy kept improving. Adding the 
     L_pair = L_dpo + alpha * ( -log pi(y_c|x) / |y_c| )            (--sft-weight alpha, 0 turns it off)
 
 held it at 0.98. Both terms are per pair, and train.train_step divides their sum by the global count of pairs.
+(TRL's rpo_alpha averages the NLL over all chosen tokens of the batch instead, so long answers weigh more there.)
 On by default, with a learning rate far below SFT's (1e-5 against SFT's 2e-3: on the `mini` SFT model, 3e-5
 and 1e-4 already lowered held-out accuracy while reward accuracy rose), and held-out *task* accuracy measured
 during training: the DPO metrics alone cannot tell you when to stop, so the best checkpoint is kept by it.
@@ -146,11 +152,13 @@ class DPOConfig:
     beta: float | None = None           # KL weight beta; None = 0.1, or 2.0 for simpo
     label_smoothing: float = 0.1        # cdpo: probability eps that a label is flipped
     simpo_gamma: float = 0.5            # simpo: target reward margin gamma
+    ipo_per_token: bool = False         # ipo: per-token mean log-probs in h (TRL's ipo) instead of sums
     sft_weight: float = 1.0             # alpha of the NLL term on the chosen answer (RPO); 0 = off
     live_reference: bool = False        # keep the reference model live instead of precomputed log-probs
     # LoRA
     lora_rank: int = 0                  # rank r of the adapters; 0 = full fine-tuning
-    lora_alpha: float | None = None     # the update is alpha/r * B A; None = 2 * rank
+    lora_alpha: float | None = None     # the update is alpha/r * B A; None = 2 * rank (PEFT's default: 8)
+    lora_rslora: bool = False           # scale by alpha/sqrt(r) (rsLoRA, PEFT's use_rslora) instead of alpha/r
     lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear names to adapt
     # optimization
     batch_size: int = 16                # pairs per micro-batch per device
@@ -523,6 +531,8 @@ def preference_loss(cfg, pc, pr, rc, rr, nc, nr):
     """The loss cfg.loss names, per pair."""
     if cfg.loss == "dpo":
         return dpo_loss(pc, pr, rc, rr, cfg.beta)
+    if cfg.loss == "ipo" and cfg.ipo_per_token:
+        return ipo_loss(pc / nc, pr / nr, rc / nc, rr / nr, cfg.beta)
     if cfg.loss == "ipo":
         return ipo_loss(pc, pr, rc, rr, cfg.beta)
     if cfg.loss == "cdpo":
@@ -661,6 +671,8 @@ def check(cfg):
         raise DPOError(f"--label-smoothing {cfg.label_smoothing}: use 0 <= eps < 0.5 (0.5 means labels are noise)")
     if not 0 <= cfg.val_fraction < 1:
         raise DPOError(f"--val-fraction {cfg.val_fraction}: use 0 <= fraction < 1")
+    if cfg.ipo_per_token and cfg.loss != "ipo":
+        raise DPOError(f"--ipo-per-token applies to --loss ipo only, not {cfg.loss}; leave it out")
     if cfg.loss == "simpo" and cfg.live_reference:
         raise DPOError("--loss simpo uses no reference; leave out --live-reference")
 
@@ -741,6 +753,8 @@ def main(cfg):
         reference = copy.deepcopy(model).requires_grad_(False)
     if cfg.lora_rank:
         lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0, targets=list(cfg.lora_targets))
+        if cfg.lora_rslora:
+            lora["rslora"] = True
         sft.apply_lora(model, **lora).eval()
         reference = model if cfg.live_reference else None
     loss_fn = PairLoss(cfg, reference)
@@ -929,6 +943,8 @@ def cli(argv=None):
     except (train.TrainError, data.DataError, tasks.TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
+    except KeyboardInterrupt:  # --rounds restarts from the first round: its rounds are separate runs
+        train.interrupted("dpo.py", argv, cfg.out_dir, resumable=cfg.rounds == 1 and not args.pairs_only)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

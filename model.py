@@ -323,7 +323,9 @@ class MLP(nn.Module):
     def forward(self, x):
         h = self.c_fc(x)
         if self.kind == "gelu":
-            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+            # The tanh approximation, GPT-2's "gelu_new" (what its weights were trained with), not the exact erf
+            # GELU that nn.GELU() and HF's "gelu" compute; they differ by under 1e-3 per activation.
+            h = F.gelu(h, approximate="tanh")
         elif self.kind == "relu2":
             h = F.relu(h).square()
         else:
@@ -710,10 +712,20 @@ class GPT(nn.Module):
             raise OSError(f"could not load GPT-2 weights {name_or_dir!r}: not a local directory and the hub "
                           f"did not answer ({type(e).__name__}); give a directory written by save_pretrained") from e
         hc = hf.config
+        # Every GPT2Config field that changes what the model computes is either honoured below (sizes, n_inner,
+        # layer_norm_epsilon, tie_word_embeddings) or refused here by name: loading it anyway would give a model
+        # that runs and computes something else. reorder_and_upcast_attn only changes the float32 rounding.
         if hc.activation_function not in ("gelu_new", "gelu_pytorch_tanh"):
             raise ValueError(f"{name_or_dir}: activation {hc.activation_function!r} is not GPT-2's tanh GELU")
+        refused = {"scale_attn_weights": (hc.scale_attn_weights, True),  # False: no 1/sqrt(head_dim) in attention
+                   "scale_attn_by_inverse_layer_idx": (hc.scale_attn_by_inverse_layer_idx, False),  # 1/(layer+1)
+                   "add_cross_attention": (hc.add_cross_attention, False)}  # an encoder-decoder block
+        for field, (got, want) in refused.items():
+            if got != want:
+                raise ValueError(f"{name_or_dir}: {field}={got!r} is not computed by forge's GPT (needs {want!r})")
         config = GPTConfig(vocab_size=hc.vocab_size, block_size=hc.n_positions, n_layer=hc.n_layer, n_head=hc.n_head,
-                           n_embd=hc.n_embd, norm_eps=hc.layer_norm_epsilon, bias=True, **overrides)
+                           n_embd=hc.n_embd, norm_eps=hc.layer_norm_epsilon, bias=True, mlp_hidden=hc.n_inner,
+                           tie_embeddings=hc.tie_word_embeddings, **overrides)
         model = cls(config)
         theirs = hf.state_dict()
         transposed = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")

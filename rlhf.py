@@ -59,9 +59,10 @@ alongside) predicts the return from each state. Generalised advantage estimation
 
 lambda trades bias for variance: 0 uses only V's one-step guess, 1 the whole sampled return. gamma = 1 (the
 answer is one episode; TRL's default). Advantages are whitened (mean 0, std 1 over the rollout's tokens) so one
-learning rate suits any reward scale. The policy then takes several epochs of minibatch steps on this rollout;
-because the data came from pi_old, each token's term is weighted by the ratio rho_t = pi(y_t) / pi_old(y_t),
-and the clipped surrogate refuses to move rho far from 1:
+learning rate suits any reward scale; the variance is the population one (divided by n, not n - 1), which over a
+rollout's thousands of tokens differs from TRL's unbiased whitening by far less than its noise. The policy then
+takes several epochs of minibatch steps on this rollout; because the data came from pi_old, each token's term is
+weighted by the ratio rho_t = pi(y_t) / pi_old(y_t), and the clipped surrogate refuses to move rho far from 1:
 
     L_pi = mean_t  max( -A_t * rho_t,  -A_t * clip(rho_t, 1 - eps, 1 + eps) )
 
@@ -80,12 +81,22 @@ No value model: sample G answers to the same prompt and let the group be the bas
 
     A_i = (s_i - mean(s_1..s_G)) / (std(s_1..s_G) + eps)       for every token of answer i
 
+The std is the population one (divided by G: each group's advantages then have std exactly 1), forge's default.
+DeepSeekMath and TRL's scale_rewards="group" use the sample std (G - 1), sqrt(G/(G-1)) larger (1.07 at G = 8),
+so their advantages are that much smaller: --adv-scale group_sample gives theirs; batch divides by the sample
+std of the whole rollout's scores (TRL's "batch"); none keeps s - mean (Dr. GRPO, Liu et al. 2025: dividing by
+a group's std weighs the nearly solved and nearly hopeless groups, whose std is small, the most).
 A group whose answers all score the same has A = 0 everywhere: it carries no signal, and the share of such
 groups is logged (near 1 the task is solved or hopeless; the difficulty knob moves it back). The loss is the
 clipped surrogate above with these advantages, plus beta times a KL estimate in the loss (not the reward):
 
     L = mean_t [ max(-A_i rho_t, -A_i clip(rho_t, 1 - eps, 1 + eps))  +  beta * k3_t ]
     k3_t = pi_ref(y_t)/pi(y_t) - log(pi_ref(y_t)/pi(y_t)) - 1
+
+mean_t is over every answer token of the rollout (--loss-type dapo, the default; TRL's "dapo"): each token
+weighs the same, so a long answer is not diluted. TRL's "grpo" (the paper's) averages each answer's tokens first,
+then the answers, which weighs a short answer's tokens more; "dr_grpo" sums the tokens and divides by a
+constant, answers x --max-new-tokens (Dr. GRPO), so the step does not depend on the lengths sampled.
 
 Why k3 (Schulman 2020, "Approximating KL divergence"): with samples from pi, k1 = log(pi / pi_ref) is
 unbiased for KL(pi || pi_ref) but negative half the time and noisy; k2 = 0.5 log^2 is biased; k3 is unbiased
@@ -158,6 +169,10 @@ class RLConfig:
     epochs: int | None = None           # passes over each rollout; None = 4 (ppo), 1 (grpo: on-policy, ratio 1)
     minibatches: int | None = None      # optimizer steps per epoch; None = 4 (ppo), 1 (grpo)
     adv_eps: float = 1e-4               # grpo: eps in (s - mean) / (std + eps)
+    adv_scale: str = "group"            # grpo: std dividing s - mean: group (population), group_sample (TRL,
+    #                                     DeepSeekMath: sample std), batch (sample std of the rollout) or none
+    loss_type: str = "dapo"             # grpo: loss mean over all answer tokens (dapo), per answer then over
+    #                                     answers (grpo) or token sum / (answers x max_new_tokens) (dr_grpo)
     # reward model
     pairs: str | None = None            # reward model: JSONL pairs (dpo.py's forms); None = on-policy pairs
     prompts_per_task: int = 256         # reward model, on-policy: training prompts per kind and difficulty
@@ -205,6 +220,7 @@ class RLConfig:
 
 
 CHOICES = {"algo": ("grpo", "ppo"), "teacher_kind": ("sort", "add"), "reward": ("tasks", "model"),
+           "adv_scale": ("group", "group_sample", "batch", "none"), "loss_type": ("dapo", "grpo", "dr_grpo"),
            "overlong": ("drop", "truncate"), "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"),
            "dtype": ("float32", "bfloat16")}
 
@@ -238,7 +254,7 @@ def gae(rewards, values, mask, gamma, lam):
 
 
 def whiten(x, mask, eps=1e-8):
-    """x with mean 0 and std 1 over its masked entries (0 elsewhere)."""
+    """x with mean 0 and std 1 over its masked entries (0 elsewhere); the population variance (divided by n)."""
     n = mask.sum()
     mean = (x * mask).sum() / n
     var = (((x - mean) * mask) ** 2).sum() / n
@@ -266,10 +282,15 @@ def k3(logp, logp_ref):
     return torch.exp(log_r) - log_r - 1
 
 
-def group_advantages(scores, eps):
-    """GRPO: scores (P, G) -> (s - group mean) / (group std + eps), the std over the G answers (population)."""
+def group_advantages(scores, eps, scale="group"):
+    """GRPO: scores (P, G) -> (s - group mean) / (std + eps). scale: group = the population std over the G answers,
+    group_sample = their sample std (TRL, DeepSeekMath), batch = the sample std of all P x G scores, none = no std."""
     mean = scores.mean(dim=1, keepdim=True)
-    std = scores.std(dim=1, keepdim=True, unbiased=False)
+    if scale == "none":
+        return scores - mean
+    if scale == "batch":
+        return (scores - mean) / (scores.std() + eps)
+    std = scores.std(dim=1, keepdim=True, unbiased=scale == "group_sample")
     return (scores - mean) / (std + eps)
 
 
@@ -518,7 +539,10 @@ def grpo_loss_fn(cfg, stats):
         logp = dpo.token_logps(logits / cfg.temperature, y)
         pg, clipped = clipped_surrogate(logp, old, adv, cfg.clip)
         stats.append(torch.stack([(clipped * mask).sum(), torch.zeros(()), mask.sum()]).detach())
-        return ((pg + cfg.kl_coef * k3(logp, ref)) * mask).sum()
+        per_token = (pg + cfg.kl_coef * k3(logp, ref)) * mask
+        if cfg.loss_type == "grpo":                        # each answer's mean; grpo_count counts answers
+            return (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum()
+        return per_token.sum()
     return loss_fn
 
 
@@ -534,7 +558,16 @@ def count_answer_tokens(batch):
     return (batch[1] != -1).sum()
 
 
-def update(module, optimizer, tensors, cfg, rt, loss_fn):
+def grpo_count(cfg):
+    """count_fn for train_step: what the GRPO loss is divided by (the global count), per --loss-type."""
+    if cfg.loss_type == "grpo":
+        return lambda batch: batch[1].size(0)
+    if cfg.loss_type == "dr_grpo":
+        return lambda batch: batch[1].size(0) * cfg.max_new_tokens
+    return count_answer_tokens
+
+
+def update(module, optimizer, tensors, cfg, rt, loss_fn, count_fn=count_answer_tokens):
     """epochs x minibatches optimizer steps over the rollout's rows (each in micro-batches of micro_batch rows)."""
     B, losses, norms = tensors[0].size(0), [], []
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -543,7 +576,7 @@ def update(module, optimizer, tensors, cfg, rt, loss_fn):
         for idx in order.tensor_split(cfg.minibatches):
             micro = [tuple(t[j] for t in tensors) for j in idx.tensor_split(max(1, math.ceil(len(idx) /
                                                                                        cfg.micro_batch)))]
-            loss, norm = train.train_step(module, optimizer, micro, rt, cfg.grad_clip, loss_fn, count_answer_tokens)
+            loss, norm = train.train_step(module, optimizer, micro, rt, cfg.grad_clip, loss_fn, count_fn)
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 raise train.Diverged(f"loss {loss}, grad norm {norm}: stopped without updating")
             losses.append(loss)
@@ -573,9 +606,10 @@ def rl_step(cfg, ro, policy, reference, value, module, optimizer, rt, pad_id, en
     else:
         G = cfg.group_size
         grouped = scores.view(-1, G)
-        adv = group_advantages(grouped, cfg.adv_eps).view(-1, 1) * mask
+        adv = group_advantages(grouped, cfg.adv_eps, cfg.adv_scale).view(-1, 1) * mask
         metrics["zero_std_frac"] = float((grouped.std(dim=1, unbiased=False) == 0).float().mean())
-        loss, norm = update(module, optimizer, (x, y, old, ref, adv), cfg, rt, grpo_loss_fn(cfg, stats))
+        loss, norm = update(module, optimizer, (x, y, old, ref, adv), cfg, rt, grpo_loss_fn(cfg, stats),
+                            grpo_count(cfg))
     s = torch.stack(stats).sum(0)
     n_tok = float(mask.sum())
     metrics.update(loss=loss, grad_norm=norm, reward=float(scores.mean()), true_acc=float(np.mean(ro.correct)),
@@ -637,6 +671,9 @@ def check(cfg):
         raise RLError(f"--kinds {' '.join(unknown)}: unknown; choose from {', '.join(tasks.KINDS)}")
     if cfg.algo == "grpo" and cfg.group_size < 2:
         raise RLError(f"--group-size {cfg.group_size}: GRPO needs at least 2 answers per prompt to compare")
+    if cfg.algo == "ppo" and (cfg.adv_scale, cfg.loss_type) != ("group", "dapo"):
+        raise RLError(f"--adv-scale {cfg.adv_scale}, --loss-type {cfg.loss_type}: GRPO's; PPO whitens its "
+                      f"advantages and averages over tokens, so leave them out with --algo ppo")
     if cfg.teacher_difficulty > tasks.MAX_DIFFICULTY[cfg.teacher_kind]:
         raise RLError(f"--teacher-difficulty {cfg.teacher_difficulty}: {cfg.teacher_kind} goes up to "
                       f"{tasks.MAX_DIFFICULTY[cfg.teacher_kind]}")
@@ -1139,6 +1176,9 @@ def cli(argv=None):
     except (train.TrainError, data.DataError, tasks.TaskError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
+    except KeyboardInterrupt:  # only a PPO or GRPO run resumes; the other modes start again
+        rl_run = not (cfg.compare or cfg.flawed_teacher or cfg.train_reward_model)
+        train.interrupted("rlhf.py", argv, derive(cfg).out_dir, resumable=rl_run)
 
 
 if __name__ == "__main__":

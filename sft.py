@@ -78,6 +78,9 @@ B starts at zero, so the fine-tuned model starts exactly as the pretrained one. 
 (in + out) numbers per matrix instead of in x out. alpha / r scales the update so that changing r does not
 change how far a step moves the output (alpha = r gives scale 1). After training, merge_lora folds
 (alpha / r) B A into W, and the model is an ordinary GPT again, with no extra cost at inference.
+The default alpha is 2r (scale 2 whatever the rank); PEFT's is a fixed 8, so its scale falls as r grows and a
+PEFT alpha is not portable: pass --lora-alpha 8 for its. --lora-rslora scales by alpha / sqrt(r) instead
+(rsLoRA, Kalajdzievski 2023; PEFT's use_rslora), which keeps large ranks learning as fast as small ones.
 
 A base whose tokenizer lacked the chat tokens (GPT-2's) gets new rows for them (GPT.resize_vocab). LoRA freezes
 the embedding, which is also the output layer, so those rows would keep their starting values and the model could
@@ -135,6 +138,7 @@ class SFTConfig:
     # LoRA
     lora_rank: int = 0                  # rank r of the adapters; 0 = full fine-tuning
     lora_alpha: float | None = None     # scale numerator alpha (the update is alpha/r * B A); None = 2 * rank
+    lora_rslora: bool = False           # scale by alpha/sqrt(r) (rsLoRA, PEFT's use_rslora) instead of alpha/r
     lora_dropout: float = 0.0           # dropout on the adapters' input
     lora_targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear names to adapt
     # optimization
@@ -437,11 +441,12 @@ def with_replay(batch, text):
 # --- LoRA ---
 
 class LoRALinear(nn.Module):
-    """base(x) + (alpha / rank) * B(A(dropout(x))), with base frozen. A starts small and random, B at zero."""
+    """base(x) + (alpha / rank) * B(A(dropout(x))), with base frozen. A starts small and random, B at zero.
+    rslora: alpha / sqrt(rank) instead (rsLoRA)."""
 
-    def __init__(self, base, rank, alpha, dropout=0.0):
+    def __init__(self, base, rank, alpha, dropout=0.0, rslora=False):
         super().__init__()
-        self.base, self.rank, self.scale = base, rank, alpha / rank
+        self.base, self.rank, self.scale = base, rank, alpha / (math.sqrt(rank) if rslora else rank)
         for p in base.parameters():
             p.requires_grad_(False)
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
@@ -493,7 +498,8 @@ class TrainableTokens(nn.Module):
         return self.base
 
 
-def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"), new_tokens=None):
+def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_fc"), new_tokens=None,
+               rslora=False):
     """Freeze every parameter of model, then wrap each nn.Linear named in targets with a LoRALinear. -> model.
 
     lm_head gets no adapter: it is the token embedding too (tied). new_tokens [first, end), when given, are ids
@@ -506,7 +512,7 @@ def apply_lora(model, rank, alpha, dropout=0.0, targets=("c_attn", "c_proj", "c_
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear) and name in targets:
-                setattr(module, name, LoRALinear(child, rank, alpha, dropout))
+                setattr(module, name, LoRALinear(child, rank, alpha, dropout, rslora))
                 wrapped += 1
     if not wrapped:
         raise SFTError(f"--lora-targets {' '.join(targets)} matched no Linear layer; use c_attn, c_proj, c_fc")
@@ -765,6 +771,8 @@ def main(cfg):
         lora = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=list(cfg.lora_targets))
         if base_ckpt["new_tokens"]:  # the chat tokens' rows are new (a GPT-2 base): they train too
             lora["new_tokens"] = base_ckpt["new_tokens"]
+        if cfg.lora_rslora:  # kept in the checkpoint's and adapter.pt's lora dict, so a reload scales the same
+            lora["rslora"] = True
         apply_lora(model, **lora)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     train.print0(f"model: {n_train:,} of {sum(p.numel() for p in model.parameters()):,} parameters train"
@@ -962,6 +970,10 @@ def cli(argv=None):
     except (train.TrainError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
+    except KeyboardInterrupt:
+        if args.chat:
+            sys.exit(130)  # leaving a chat with Ctrl-C is no error worth a line
+        train.interrupted("sft.py", argv, None if args.show else cfg.out_dir, resumable=not args.show)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

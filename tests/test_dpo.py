@@ -69,6 +69,24 @@ def test_ipo_cdpo_simpo_match_their_formulas():
     torch.testing.assert_close(dpo.simpo_loss(pc, pr, t(2.0), t(3.0), 2.0, 0.5), t(-math.log(sig(1.5))))
 
 
+def test_ipo_per_token_matches_trls_length_normalised_formula_and_the_default_stays_summed():
+    gen = torch.Generator().manual_seed(0)
+    pc, pr, rc, rr = (-20 * torch.rand(6, generator=gen, dtype=torch.float64) for _ in range(4))
+    nc, nr = (torch.randint(1, 12, (6,), generator=gen).double() for _ in range(2))
+    beta = 0.1
+    # TRL DPOTrainer, loss_type "ipo": every log-prob (policy and reference) is averaged over its answer's tokens,
+    # then logits = chosen_logratios - rejected_logratios and losses = (logits - 1 / (2 beta))^2
+    logits = (pc / nc - rc / nc) - (pr / nr - rr / nr)
+    trl = (logits - 1 / (2 * beta)) ** 2
+    per_token = dpo.DPOConfig(loss="ipo", beta=beta, ipo_per_token=True)
+    torch.testing.assert_close(dpo.preference_loss(per_token, pc, pr, rc, rr, nc, nr), trl)
+    summed = dpo.DPOConfig(loss="ipo", beta=beta)
+    torch.testing.assert_close(dpo.preference_loss(summed, pc, pr, rc, rr, nc, nr),
+                               ((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2)
+    with pytest.raises(dpo.DPOError, match="--ipo-per-token"):
+        dpo.check(dpo.DPOConfig(loss="dpo", ipo_per_token=True))
+
+
 def test_pair_loss_adds_the_sft_term_and_counts_ties_as_half():
     cfg = dpo.DPOConfig(beta=0.1, sft_weight=1.0)
     model = tiny_gpt()
@@ -346,6 +364,19 @@ def test_a_fresh_run_first_clears_an_earlier_summary_and_eval(pretrained, sft_ch
             dpo.main(dpo_cfg(sft_checkpoint, run, pairs=str(default_run[1] / "pairs.jsonl"), max_steps=2,
                              eval_examples=4, batch_size=4))
     assert not (run / "summary.json").exists() and not (run / "eval.json").exists()
+
+
+def test_ctrl_c_stops_with_one_line_and_status_130_and_its_command_continues(sft_checkpoint, default_run,
+                                                                            tmp_path, ctrl_c):
+    _, out = default_run
+    cfg = dpo_cfg(sft_checkpoint, tmp_path / "run", pairs=str(out / "pairs.jsonl"), max_steps=6, save_every=2,
+                  eval_every=100, log_every=1, eval_examples=4, batch_size=4)
+    stopped = ctrl_c("dpo", 4, cfg)
+    assert stopped.returncode == 130 and stopped.stderr.count("\n") == 1, stopped.stderr
+    assert "after step 3" in stopped.stderr and "ckpt_000002.pt" in stopped.stderr, stopped.stderr
+    resumed = ctrl_c.continues(stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
 def run_cli(*args, cwd=ROOT):

@@ -128,6 +128,22 @@ def test_group_advantages_zero_for_a_uniform_group_and_sum_zero_per_group():
     assert abs(float(adv.sum(dim=1)[0])) < 1e-9
 
 
+def test_group_advantage_scales_match_trls_scale_rewards_and_the_population_default():
+    scores = torch.rand(3, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    G, eps = 8, 1e-4
+    centred = scores - scores.mean(dim=1, keepdim=True)
+    pop = (centred ** 2).sum(dim=1, keepdim=True).div(G).sqrt()             # forge: divided by G
+    sample = (centred ** 2).sum(dim=1, keepdim=True).div(G - 1).sqrt()      # TRL "group", DeepSeekMath: G - 1
+    flat = scores.flatten()
+    batch = ((flat - flat.mean()) ** 2).sum().div(flat.numel() - 1).sqrt()  # TRL "batch": std of every reward
+    torch.testing.assert_close(rlhf.group_advantages(scores, eps), centred / (pop + eps))
+    torch.testing.assert_close(rlhf.group_advantages(scores, eps, "group_sample"), centred / (sample + eps))
+    torch.testing.assert_close(rlhf.group_advantages(scores, eps, "batch"), centred / (batch + eps))
+    torch.testing.assert_close(rlhf.group_advantages(scores, eps, "none"), centred)
+    ratio = rlhf.group_advantages(scores, 0.0) / rlhf.group_advantages(scores, 0.0, "group_sample")
+    torch.testing.assert_close(ratio, torch.full_like(ratio, math.sqrt(G / (G - 1))))
+
+
 def test_adaptive_kl_controller_moves_beta_toward_the_target():
     assert rlhf.adapt_kl(0.1, 2.0, 1.0, 100, 1000) == pytest.approx(0.1 * (1 + 0.2 * 0.1))  # clipped at +0.2
     assert rlhf.adapt_kl(0.1, 0.9, 1.0, 100, 1000) == pytest.approx(0.1 * (1 - 0.1 * 0.1))
@@ -189,6 +205,28 @@ def test_log_probs_ratios_and_k3_use_the_sampling_temperature():
     with torch.no_grad():
         loss = rlhf.ppo_loss_fn(replace(cfg, algo="ppo"), stats)(module, (x, y, logp, zero, adv, zero))
     assert loss.item() == pytest.approx(float(-(adv * mask).sum()), abs=1e-4) and stats[0][0] == 0
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grpo_loss_types_match_trls_aggregation_over_micro_batches(loss_type):
+    model = tiny()
+    x = torch.randint(1, 64, (4, 10))
+    start = torch.tensor([[2], [5], [7], [8]])                 # answers of 8, 5, 3 and 2 tokens
+    y = torch.where(torch.arange(10) >= start, torch.randint(1, 64, (4, 10)), torch.full((4, 10), -1))
+    mask = (y != -1).float()
+    cfg = rlhf.derive(rlhf.RLConfig(kl_coef=0.5, loss_type=loss_type, max_new_tokens=12))
+    logp, _ = rlhf.token_stats(model, x, y, RT, 4)
+    ref = (logp - 0.3 * torch.rand(4, 10, generator=torch.Generator().manual_seed(1))) * mask
+    adv = torch.randn(4, 1, generator=torch.Generator().manual_seed(2)).expand(4, 10) * mask
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    micro = [tuple(v[i:i + 2] for v in (x, y, logp, ref, adv)) for i in (0, 2)]
+    loss, _ = train.train_step(model, optimizer, micro, RT, 1.0, rlhf.grpo_loss_fn(cfg, []), rlhf.grpo_count(cfg))
+    # TRL GRPOTrainer: at the rollout's policy the ratio is 1, so per_token_loss = -A + beta * k3, then
+    per_token = (-adv + 0.5 * rlhf.k3(logp, ref)) * mask
+    trl = {"grpo": (per_token.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(),
+           "dapo": per_token.sum() / mask.sum(),
+           "dr_grpo": per_token.sum() / (per_token.size(0) * 12)}[loss_type]
+    assert loss == pytest.approx(float(trl), abs=1e-5)
 
 
 def test_shared_prefill_gives_the_same_samples_as_separate_prefills(sft_checkpoint):
@@ -430,6 +468,17 @@ def test_an_exploding_kl_stops_with_exit_1_and_names_the_metric(sft_checkpoint, 
     last = train.list_checkpoints(str(tmp_path / "again"))[-1]
     assert stopped["checkpoint"] == last and "KL to the reference" in stopped["stopped"]
     assert 0 <= stopped["greedy_after"] <= 1 and stopped["compute"]["answers"] > 0
+
+
+def test_ctrl_c_stops_with_one_line_and_status_130_and_its_command_continues(sft_checkpoint, tmp_path, ctrl_c):
+    cfg = cfg_for(sft_checkpoint, tmp_path, algo="grpo", max_steps=4, save_every=2, eval_every=100,
+                  prompts_per_step=4, group_size=4, pass_k=0, log_every=1)
+    stopped = ctrl_c("rlhf", 3, cfg)  # GRPO takes one optimizer step per RL step
+    assert stopped.returncode == 130 and stopped.stderr.count("\n") == 1, stopped.stderr
+    assert "after step 2" in stopped.stderr and "ckpt_000002.pt" in stopped.stderr, stopped.stderr
+    resumed = ctrl_c.continues(stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4
 
 
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])

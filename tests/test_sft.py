@@ -197,6 +197,23 @@ def test_lora_starts_as_the_base_and_merges_exactly():
     torch.testing.assert_close(merged(x)[0], unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_rslora_scales_by_alpha_over_sqrt_rank_and_merges_exactly():
+    model = sft.apply_lora(tiny_gpt(), rank=16, alpha=8, rslora=True).eval()
+    adapters = [m for m in model.modules() if isinstance(m, sft.LoRALinear)]
+    assert adapters and all(m.scale == pytest.approx(8 / 16 ** 0.5) for m in adapters)  # PEFT: alpha/sqrt(r)
+    assert sft.LoRALinear(torch.nn.Linear(4, 4), 16, 8).scale == pytest.approx(8 / 16)   # the default: alpha/r
+    x = torch.randint(0, 64, (2, 16))
+    with torch.no_grad():
+        for m in adapters:
+            m.lora_B.normal_(0, 0.05)
+        m = adapters[0]  # the forward is base(x) + alpha/sqrt(r) * B A x
+        h = torch.randn(3, m.base.in_features)
+        torch.testing.assert_close(m(h), m.base(h) + 2.0 * h @ (m.lora_B @ m.lora_A).t(), rtol=1e-5, atol=1e-5)
+    unmerged = model(x)[0]
+    merged = sft.merge_lora(model)
+    torch.testing.assert_close(merged(x)[0], unmerged, rtol=1e-5, atol=1e-5)
+
+
 def test_lora_trains_only_the_adapters():
     model = sft.apply_lora(tiny_gpt(), rank=3, alpha=3, targets=("c_attn", "c_fc"))
     expected = 0
@@ -338,6 +355,18 @@ def test_lora_run_saves_a_small_adapter_and_loads_merged(pretrained, tmp_path):
     assert summary["adapter_bytes"] < summary["checkpoint_bytes"] / 3
     model, tokenizer, _, ckpt = sft.load_base(summary["checkpoint"])
     assert ckpt["lora"]["rank"] == 4 and not any(isinstance(m, sft.LoRALinear) for m in model.modules())
+
+
+def test_ctrl_c_stops_with_one_line_and_status_130_and_its_command_continues(pretrained, tmp_path, ctrl_c):
+    cfg = sft_cfg(pretrained, tmp_path / "run", max_steps=6, save_every=2, log_every=1, eval_every=100,
+                  eval_examples=4, examples_per_task=60)
+    stopped = ctrl_c("sft", 4, cfg)
+    assert stopped.returncode == 130 and stopped.stderr.count("\n") == 1, stopped.stderr
+    assert "after step 3" in stopped.stderr and "ckpt_000002.pt" in stopped.stderr, stopped.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()  # a stopped run never looks finished
+    resumed = ctrl_c.continues(stopped)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 6
 
 
 def run_cli(*args, cwd=ROOT):
