@@ -683,7 +683,7 @@ def mlp_hidden(model):
 
 def hf_config(model, arch, special_ids, chat):
     c = model.config
-    common = dict(architectures=[arch], vocab_size=c.vocab_size, tie_word_embeddings=c.tie_embeddings,
+    common = dict(architectures=[arch], vocab_size=c.n_tokens, tie_word_embeddings=c.tie_embeddings,
                   bos_token_id=special_ids["<|endoftext|>"],
                   eos_token_id=special_ids["<|end|>" if chat else "<|endoftext|>"],
                   torch_dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."), use_cache=True)
@@ -705,6 +705,9 @@ def hf_state_dict(model, arch):
     sd, c = model.state_dict(), model.config
     if c.tie_embeddings:
         sd.pop("lm_head.weight", None)  # the same tensor as transformer.wte.weight
+    for name in ("transformer.wte.weight", "lm_head.weight"):  # rows above n_tokens pad the vocabulary on a GPU:
+        if name in sd:                                          # no token, so not exported (hf_config's vocab_size)
+            sd[name] = sd[name][:c.n_tokens]
     if arch == "GPT2LMHeadModel":
         conv1d = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
         return {k: (v.t() if k.endswith(conv1d) else v) for k, v in sd.items()}
@@ -769,10 +772,21 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] not in ['system', 'user', 'assistant'] -%}"
     "{{- raise_exception('unknown role ' + message['role'] + ': use system, user or assistant') -}}"
     "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- '<|assistant|>' -}}{%- generation -%}{{- message['content'] + '<|end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}"
     "{{- '<|' + message['role'] + '|>' + message['content'] + '<|end|>' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}"
 )  # sft.render and render_prompt, as Jinja: <|endoftext|>, then <|role|> content <|end|> per turn
+# {% generation %} marks what sft.render trains (assistant content and its <|end|>), so transformers'
+# return_assistant_tokens_mask, and TRL's assistant_only_loss with it, give sft's loss mask. The template writes
+# its own <|endoftext|>: apply_chat_template tokenizes without the BOS post-processor, so it is there once.
+# Unlike sft.render, which encodes content as plain text, the template pastes content into the text before it is
+# tokenized, so marker text typed by a user ("hi<|end|><|assistant|>") becomes real markers: transformers has no
+# setting that keeps added special tokens plain in one part of a string only. Serve untrusted input with forge's
+# server, or strip the markers from content first.
 
 
 def bytes_to_unicode():
@@ -805,12 +819,18 @@ def hf_tokenizer_json(tokenizer):
               for i in range(1, len(b)) if b[:i] in ranks and b[i:] in ranks]
     added = [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False, "normalized": False,
               "special": True} for s, i in sorted(tokenizer.special_ids.items(), key=lambda kv: kv[1])]
+    bos = {"SpecialToken": {"id": "<|endoftext|>", "type_id": 0}}
     return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None,
             "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
                 {"type": "Split", "pattern": {"Regex": oniguruma_pattern(enc._pat_str)}, "behavior": "Isolated",
                  "invert": False},
                 {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]},
-            "post_processor": None,
+            # forge starts every document, eval row and completion prompt with <|endoftext|>: so does encode().
+            "post_processor": {"type": "TemplateProcessing", "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                               "pair": [bos, {"Sequence": {"id": "A", "type_id": 0}},
+                                        {"Sequence": {"id": "B", "type_id": 0}}],
+                               "special_tokens": {"<|endoftext|>": {"id": "<|endoftext|>", "ids": [tokenizer.eot_id],
+                                                                    "tokens": ["<|endoftext|>"]}}},
             "decoder": {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
             "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                       "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
@@ -826,7 +846,11 @@ def write_json(path, obj):
 def export_hf(model, tokenizer, out_dir, chat=True):
     """Write model and tokenizer as a Hugging Face folder: config.json, generation_config.json, model.safetensors,
     tokenizer.json, tokenizer_config.json (with the chat template). Written beside out_dir and renamed into place
-    at the end, so a failed export never leaves a folder that looks complete. -> the architecture name."""
+    at the end, so a failed export never leaves a folder that looks complete. -> the architecture name.
+
+    The folder encodes, renders chats, greedy-decodes and stops as forge does, with one gap that transformers
+    leaves open: marker text inside a message's content becomes real markers through apply_chat_template (see
+    CHAT_TEMPLATE); forge's server keeps it plain."""
     arch = hf_architecture(model.config)
     if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
         raise ExportError(f"{out_dir} exists and is not an empty folder; remove it or give another")
@@ -839,15 +863,17 @@ def export_hf(model, tokenizer, out_dir, chat=True):
     os.makedirs(tmp)
     try:
         write_json(os.path.join(tmp, "config.json"), hf_config(model, arch, special, chat))
-        eos = [special["<|end|>"], special["<|endoftext|>"]] if chat else [special["<|endoftext|>"]]
+        # forge's server stops on every special token, and samples from the whole distribution: top_k 0 turns
+        # off the top_k 50 that transformers applies when a generation config leaves it out.
+        eos = sorted(special[s] for s in data.SPECIAL_TOKENS)
         write_json(os.path.join(tmp, "generation_config.json"),
-                   {"bos_token_id": special["<|endoftext|>"], "eos_token_id": eos, "do_sample": True})
+                   {"bos_token_id": special["<|endoftext|>"], "eos_token_id": eos, "do_sample": True, "top_k": 0})
         write_safetensors(hf_state_dict(model, arch), os.path.join(tmp, "model.safetensors"), {"format": "pt"})
         write_json(os.path.join(tmp, "tokenizer.json"), hf_tokenizer_json(tokenizer))
         write_json(os.path.join(tmp, "tokenizer_config.json"), {
             "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|endoftext|>",
             "eos_token": "<|end|>" if chat else "<|endoftext|>", "pad_token": "<|endoftext|>",
-            "model_max_length": model.config.block_size, "add_bos_token": False, "add_prefix_space": False,
+            "model_max_length": model.config.block_size, "add_bos_token": True, "add_prefix_space": False,
             "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE})
         if os.path.isdir(out_dir):
             os.rmdir(out_dir)

@@ -64,6 +64,39 @@ def test_logits_match_huggingface_gpt2(tmp_path, sizes):
     assert (ours - theirs).abs().max().item() <= 1e-4
 
 
+def tiny_hf_gpt2(tmp_path, **fields):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        **{**dict(vocab_size=61, n_positions=16, n_embd=64, n_layer=2, n_head=4), **fields}))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    hf.eval().save_pretrained(tmp_path)
+    return hf
+
+
+@pytest.mark.parametrize("fields", [dict(n_inner=64), dict(tie_word_embeddings=False), dict(layer_norm_epsilon=1e-2),
+                                    dict(reorder_and_upcast_attn=True)])
+def test_from_pretrained_honours_the_gpt2_fields_that_change_the_logits(tmp_path, fields):
+    hf = tiny_hf_gpt2(tmp_path, **fields)
+    model = GPT.from_pretrained(str(tmp_path)).eval()
+    idx = torch.randint(0, 61, (2, 16))
+    with torch.no_grad():
+        assert (model(idx)[0] - hf(idx).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("fields, name", [
+    (dict(scale_attn_by_inverse_layer_idx=True), "scale_attn_by_inverse_layer_idx"),
+    (dict(scale_attn_weights=False), "scale_attn_weights"), (dict(add_cross_attention=True), "add_cross_attention"),
+    (dict(activation_function="relu"), "activation"),
+])
+def test_from_pretrained_refuses_gpt2_fields_forge_cannot_compute_by_name(tmp_path, fields, name):
+    tiny_hf_gpt2(tmp_path, **fields)
+    with pytest.raises(ValueError, match=name):
+        GPT.from_pretrained(str(tmp_path))
+
+
 def test_from_pretrained_rejects_a_directory_that_is_not_gpt2(tmp_path):
     pytest.importorskip("transformers")
     llama = tmp_path / "llama"
