@@ -452,7 +452,8 @@ def exact_bpb(model, batches, tokenizer):
             logits, _ = model.eval()(x, y)
             nats += torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1),
                                                       ignore_index=-1, reduction="sum").item()
-            n_bytes += len(tokenizer.enc.decode_bytes([t for t in y.flatten().tolist() if t != -1 and t not in special]))
+            text_ids = [t for t in y.flatten().tolist() if t != -1 and t not in special]
+            n_bytes += len(tokenizer.enc.decode_bytes(text_ids))
     return nats / math.log(2) / n_bytes
 
 
