@@ -393,8 +393,10 @@ def interrupted(script, argv, out_dir=None, resumable=True):
         for name in os.listdir(out_dir):
             if name.endswith(".tmp"):
                 os.remove(os.path.join(out_dir, name))
-        metrics = os.path.join(out_dir, "metrics.jsonl")
-        logged = read_metrics(out_dir) if os.path.isfile(metrics) else []
+        try:
+            logged = read_metrics(out_dir)
+        except (TrainError, ValueError):  # no metrics yet, or a last line cut short
+            logged = []
         if logged and "step" in logged[-1]:
             line += f" after step {logged[-1]['step']}"
         checkpoints = list_checkpoints(out_dir)
