@@ -681,11 +681,16 @@ def mlp_hidden(model):
     return model.transformer.h[0].mlp.c_proj.in_features
 
 
+def hf_eos(special_ids):
+    """forge's server stops on every special token; so does the export, in config.json and generation_config."""
+    return sorted(special_ids[s] for s in data.SPECIAL_TOKENS)
+
+
 def hf_config(model, arch, special_ids, chat):
     c = model.config
     common = dict(architectures=[arch], vocab_size=c.n_tokens, tie_word_embeddings=c.tie_embeddings,
                   bos_token_id=special_ids["<|endoftext|>"],
-                  eos_token_id=special_ids["<|end|>" if chat else "<|endoftext|>"],
+                  eos_token_id=hf_eos(special_ids),  # a list, as Llama 3's config.json has
                   torch_dtype=str(model.transformer.wte.weight.dtype).removeprefix("torch."), use_cache=True)
     if arch == "GPT2LMHeadModel":
         return dict(model_type="gpt2", n_positions=c.block_size, n_embd=c.n_embd, n_layer=c.n_layer, n_head=c.n_head,
@@ -863,11 +868,10 @@ def export_hf(model, tokenizer, out_dir, chat=True):
     os.makedirs(tmp)
     try:
         write_json(os.path.join(tmp, "config.json"), hf_config(model, arch, special, chat))
-        # forge's server stops on every special token, and samples from the whole distribution: top_k 0 turns
-        # off the top_k 50 that transformers applies when a generation config leaves it out.
-        eos = sorted(special[s] for s in data.SPECIAL_TOKENS)
-        write_json(os.path.join(tmp, "generation_config.json"),
-                   {"bos_token_id": special["<|endoftext|>"], "eos_token_id": eos, "do_sample": True, "top_k": 0})
+        # forge samples from the whole distribution: top_k 0 turns off the top_k 50 that transformers applies
+        # when a generation config leaves it out.
+        write_json(os.path.join(tmp, "generation_config.json"), {"bos_token_id": special["<|endoftext|>"],
+                   "eos_token_id": hf_eos(special), "do_sample": True, "top_k": 0})
         write_safetensors(hf_state_dict(model, arch), os.path.join(tmp, "model.safetensors"), {"format": "pt"})
         write_json(os.path.join(tmp, "tokenizer.json"), hf_tokenizer_json(tokenizer))
         write_json(os.path.join(tmp, "tokenizer_config.json"), {

@@ -466,6 +466,7 @@ def test_export_tokenizer_and_generation_behave_like_forge(pretrained, tmp_path)
     # Sampling as forge samples: the full distribution (no default top_k 50), stopping on every special token.
     gen = GenerationConfig.from_pretrained(out)
     assert gen.top_k == 0 and sorted(gen.eos_token_id) == sorted(special.values())
+    assert sorted(hf.config.eos_token_id) == sorted(special.values())  # for tools that read config.json alone
     stops = 0
     for text in ["def ", "import os\n", "x = 1"]:
         p = hf_tok(text).input_ids
