@@ -23,15 +23,18 @@ exits with status 2.
 import argparse
 import base64
 import dataclasses
+import functools
 import hashlib
 import heapq
 import http.client
 import inspect
 import json
+import multiprocessing
 import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import sys
 import sysconfig
@@ -120,7 +123,7 @@ class DataConfig:
     near_dup_threshold: float = 0.8  # estimated Jaccard similarity that makes a near duplicate; 1: no near-dedup
     doc_chars: int = 8000  # .txt/.md files are cut at blank lines into documents of about this many characters
     shard_tokens: int = 2**24  # tokens per shard file
-    workers: int | None = None  # tokenizer threads; None: os.cpu_count()
+    workers: int | None = None  # cleaning processes and tokenizer threads; None: os.cpu_count()
     canaries: int = 0  # plant this many random secrets per repetition count (CANARY_REPEATS) for eval.py; 0: none
 
 
@@ -414,11 +417,12 @@ class NearDedup:
         h = np.array([zlib.crc32(s.encode()) for s in shingles], dtype=np.uint64)  # (n_shingles,)
         return ((h[:, None] * self.a + self.b) % self.PRIME).min(axis=0).astype(np.uint32)  # (num_perm,)
 
-    def is_duplicate(self, text):
-        """True if text is a near duplicate of a document seen before; otherwise remember it."""
+    def is_duplicate(self, text, sig=None):
+        """True if text is a near duplicate of a document seen before; otherwise remember it. sig: its signature,
+        when a worker computed it already (clean_chunk)."""
         if not text.split():
             return False
-        sig = self.signature(text)
+        sig = self.signature(text) if sig is None else sig
         keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
         for bucket, key in zip(self.buckets, keys):
             j = bucket.get(key)
@@ -449,6 +453,16 @@ class CleanReport:
         elif len(self.examples[reason]) < 3:
             self.examples[reason].append(f"{origin}: {text_in[:160]!r}")
 
+    def merge(self, other):
+        """Add another report's counts (a worker's, for the documents it cleaned) to this one."""
+        for name, counts in other.steps.items():
+            for key, value in counts.items():
+                self.steps[name][key] += value
+        self.rules.update(other.rules)
+        self.pii.update(other.pii)
+        for reason, examples in other.examples.items():
+            self.examples[reason] += examples[:3 - len(self.examples[reason])]
+
     def to_dict(self):
         return {"steps": self.steps, "rules": dict(self.rules), "pii": dict(self.pii),
                 "skipped_files": dict(self.skipped_files), "examples": dict(self.examples)}
@@ -465,14 +479,15 @@ class CleanReport:
         return "\n".join(lines)
 
 
-def clean_documents(docs, cfg, report):
-    """The cleaning steps, in order, on a stream of (text, kind, origin); yields the surviving texts."""
-    if cfg.rules is not None:
-        chosen = [r for r in cfg.rules.split(",") if r]
-        if unknown := set(chosen) - set(QUALITY_RULES):
-            raise DataError(f"unknown quality rule(s) {sorted(unknown)}; known: {', '.join(QUALITY_RULES)}")
-    seen = set()
+def clean_chunk(docs, cfg):
+    """The steps that look at one document alone (normalize, quality rules, PII redaction), on a list of
+    (text, kind, origin) -> (the report of these steps, [(redacted text, origin, MinHash signature or None)] of
+    the documents that passed). A worker process runs this on its share; what needs every document seen before
+    (deduplication) stays in clean_documents."""
+    report = CleanReport()
+    chosen = [r for r in cfg.rules.split(",") if r] if cfg.rules is not None else None
     near = NearDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup_threshold < 1 else None
+    kept = []
     for text, kind, origin in docs:
         report.tally("read", text, text)
         clean = normalize(text)
@@ -480,7 +495,7 @@ def clean_documents(docs, cfg, report):
         if not clean.strip():
             continue
         words, lines = clean.split(), clean.split("\n")
-        failed = next((r for r in (chosen if cfg.rules is not None else DEFAULT_RULES[kind])
+        failed = next((r for r in (chosen if chosen is not None else DEFAULT_RULES[kind])
                        if QUALITY_RULES[r](clean, words, lines)), None)
         report.tally("quality", clean, None if failed else clean, failed, origin)
         if failed:
@@ -488,16 +503,63 @@ def clean_documents(docs, cfg, report):
             continue
         redacted = redact_pii(clean, report.pii) if cfg.pii else clean
         report.tally("pii", clean, redacted)
-        key = hashlib.sha1(redacted.encode()).digest()
-        duplicate = cfg.dedup and key in seen
-        seen.add(key)
-        report.tally("exact_dedup", redacted, None if duplicate else redacted, "exact_duplicate", origin)
-        if duplicate:
-            continue
-        duplicate = near is not None and near.is_duplicate(redacted)
-        report.tally("near_dedup", redacted, None if duplicate else redacted, "near_duplicate", origin)
-        if not duplicate:
-            yield redacted
+        kept.append((redacted, origin, near.signature(redacted) if near and redacted.split() else None))
+    return report, kept
+
+
+def _ignore_ctrl_c():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C (and stops the pool)
+
+
+def clean_documents(docs, cfg, report, chunk=64):
+    """The cleaning steps, in order, on a stream of (text, kind, origin); yields the surviving texts.
+
+    The per-document steps run on cfg.workers processes over chunks of documents, and come back in order
+    (imap), so deduplication sees the same sequence as with one worker and the output is identical: the same
+    documents kept, the same shards byte for byte. Exact and near dedup need every document seen before, so
+    they run here, on the signatures the workers computed (the costly part of MinHash)."""
+    if cfg.rules is not None:
+        chosen = [r for r in cfg.rules.split(",") if r]
+        if unknown := set(chosen) - set(QUALITY_RULES):
+            raise DataError(f"unknown quality rule(s) {sorted(unknown)}; known: {', '.join(QUALITY_RULES)}")
+    seen = set()
+    near = NearDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup_threshold < 1 else None
+    chunks = _chunks(docs, chunk)
+    pool = None
+    if (cfg.workers or 1) > 1:  # fork on Linux: the workers start at once and share the imported modules
+        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        pool = context.Pool(cfg.workers, initializer=_ignore_ctrl_c)
+    try:
+        results = (pool.imap(functools.partial(clean_chunk, cfg=cfg), chunks) if pool else
+                   (clean_chunk(c, cfg) for c in chunks))
+        for part, kept in results:
+            report.merge(part)
+            for redacted, origin, sig in kept:
+                key = hashlib.sha1(redacted.encode()).digest()
+                duplicate = cfg.dedup and key in seen
+                seen.add(key)
+                report.tally("exact_dedup", redacted, None if duplicate else redacted, "exact_duplicate", origin)
+                if duplicate:
+                    continue
+                duplicate = near is not None and near.is_duplicate(redacted, sig)
+                report.tally("near_dedup", redacted, None if duplicate else redacted, "near_duplicate", origin)
+                if not duplicate:
+                    yield redacted
+    finally:
+        if pool:
+            pool.terminate()
+
+
+def _chunks(items, n):
+    """Lists of n items from an iterable (the last one shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 # --- tokenizer ---

@@ -235,6 +235,22 @@ def test_exact_and_near_duplicates_are_dropped_and_counted():
                                          data.CleanReport()))) == 21
 
 
+def test_cleaning_on_two_worker_processes_keeps_and_reports_exactly_what_one_does():
+    docs = random_docs(30, seed=5, words=120)
+    stream = [(d, "text", f"d{i}") for i, d in enumerate(docs + [docs[2], docs[7].replace("the", "THE", 1), "  ",
+                                                             "mail me at ann@example.com " + docs[3], "x"])]
+    results = []
+    for workers in (1, 2):  # chunks of 4 documents: every worker cleans several, and they come back in order
+        report = data.CleanReport()
+        kept = list(data.clean_documents(stream, DataConfig(workers=workers), report, chunk=4))
+        results.append((kept, report.to_dict()))
+    assert results[0] == results[1]
+    kept, report = results[0]
+    assert report["steps"]["exact_dedup"]["docs_out"] < report["steps"]["exact_dedup"]["docs_in"]
+    assert report["steps"]["near_dedup"]["docs_out"] < report["steps"]["near_dedup"]["docs_in"]
+    assert report["pii"] and report["examples"]["empty"] and not any("ann@example.com" in t for t in kept)
+
+
 def test_minhash_estimate_tracks_jaccard():
     nd = data.NearDedup(0.8, num_perm=256)
     a = " ".join(f"w{i}" for i in range(400))
