@@ -379,7 +379,7 @@ def model_from_checkpoint(ckpt, **overrides):
     return model
 
 
-# --- metrics and plots ---
+# --- Ctrl-C ---
 
 def interrupted(script, argv, out_dir=None, resumable=True):
     """Ctrl-C in any stage: one line on stderr instead of a traceback from deep inside autograd, then exit status
@@ -416,6 +416,8 @@ def interrupted(script, argv, out_dir=None, resumable=True):
         print(line, file=sys.stderr, flush=True)
     sys.exit(130)
 
+
+# --- metrics and plots ---
 
 def read_metrics(run_dir):
     path = os.path.join(run_dir, "metrics.jsonl")
@@ -590,7 +592,8 @@ def main(cfg):
     # The same validation subset at every eval, and for any number of ranks (when it divides eval_batches).
     val_batches = [to_device(val_loader.next_batch(), rt) for _ in range(math.ceil(cfg.eval_batches / rt.world_size))]
     val_split = meta["splits"]["val"]
-    token_bytes = data.load_tokenizer(cfg.data_dir).token_bytes()  # for bits per byte of exactly these batches
+    tokenizer = data.load_tokenizer(cfg.data_dir)
+    token_bytes = tokenizer.token_bytes()  # for the bits per byte of exactly these batches
     print0(f"data {cfg.data_dir}: {meta['splits']['train']['tokens']:,} train tokens, {val_split['tokens']:,} val "
            f"tokens, vocab {meta['vocab_size']}; {total_batch_tokens:,} tokens/step = {B} x {T} x "
            f"{rt.world_size} ranks x {accum} micro-steps")
@@ -708,7 +711,6 @@ def main(cfg):
         val_bpb = bits_per_byte(val_loss, val_batches, token_bytes, rt)
     print0(f"done: {done} steps, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoints in {cfg.out_dir}")
     if rt.master and cfg.samples > 0:
-        tokenizer = data.load_tokenizer(cfg.data_dir)
         start = torch.full((cfg.samples, 1), tokenizer.eot_id, dtype=torch.long, device=rt.device)
         out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         for i, row in enumerate(out.tolist()):
