@@ -8,6 +8,8 @@ One file holds the whole network, readable top to bottom:
     GPT      embeddings -> n_layer blocks -> final norm -> logits and the loss
     extras   sampling and generation with a KV cache (one tensor, or a list of prompts batched with left
              padding), growing the vocabulary, loading GPT-2 weights, FLOPs and MFU
+    batching continuous batching: sequences of different lengths decoded together, joining and leaving
+             between steps (DecodeBatch, what serve.py runs on)
 
 The defaults reproduce GPT-2 (learned positions, LayerNorm, GELU MLP, tied embeddings), so its
 weights load as a straight copy. The switches in GPTConfig turn it into a modern decoder: rotary
@@ -219,22 +221,38 @@ def naive_attention(q, k, v, mask, dropout_p=0.0):
 class KVCache:
     """Keys and values of every layer for the tokens seen so far, so each new token costs one position.
 
-    Preallocated as (n_layer, B, n_kv_head, max_len, head_dim); `pos` counts the slots already stored.
-    GPT.forward advances `pos` after the last layer has written its keys and values. `doc` (B, max_len)
-    holds the document id of each cached slot (0 where forward had doc=None), so that a decoded token
-    is masked against the cache. Positions need no storing: they are already inside the cached keys
-    (RoPE rotates them, learned positions were added to the residual stream before the keys were made).
+    Preallocated as (n_layer, B, n_kv_head, max_len, head_dim). Filled one of two ways:
+
+    together   `pos` counts the slots stored, the same in every row: one generate() call on a batch, whose
+               prompts left padding has lined up. `doc` (B, max_len) holds each slot's document id (0 where
+               forward had doc=None), so that a decoded token is masked against padding in the cache.
+    per row    made with per_row=True, `lens` (B,) counts each row's slots: rows at different points of
+               different answers decode in one forward, each new token going to slot lens[row] and seeing the
+               slots before it. This is what continuous batching needs (DecodeBatch, below): rows are added
+               and removed between two steps, and `rows(start, stop)` is a cache over some rows that shares
+               this one's memory (a prefill fills one row while the others wait).
+
+    GPT.forward advances `pos` or `lens` after the last layer has written its keys and values. Positions need
+    no storing: they are already inside the cached keys (RoPE rotates them, learned positions were added to the
+    residual stream before the keys were made), and a token's slot is its position.
     """
 
-    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype):
+    def __init__(self, n_layer, batch_size, n_kv_head, max_len, head_dim, device, dtype, per_row=False):
         shape = (n_layer, batch_size, n_kv_head, max_len, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.doc = torch.zeros(batch_size, max_len, device=device, dtype=torch.long)
         self.pos, self.max_len = 0, max_len
+        self.lens = torch.zeros(batch_size, device=device, dtype=torch.long) if per_row else None
+        self.slots = self.end = None  # per row, during one forward: where its tokens go (B, T), and keys in use
 
     def update(self, layer, k, v):
         """Store k, v (B, H_kv, T, D) after the cached ones; return all keys and values so far."""
+        if self.lens is not None:  # each row's tokens go after that row's own slots
+            index = self.slots[:, None, :, None].expand_as(k)  # (B, H_kv, T, D)
+            self.k[layer].scatter_(2, index, k)
+            self.v[layer].scatter_(2, index, v)
+            return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k
         self.v[layer, :, :, self.pos:end] = v
@@ -244,6 +262,19 @@ class KVCache:
         """Copy each row's cache to n consecutive rows (B -> B*n): one prefill serves n samples of a prompt."""
         self.k, self.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
         self.doc = self.doc.repeat_interleave(n, dim=0)
+
+    def rows(self, start, stop):
+        """A per-row cache over rows start:stop, sharing this one's memory: what forward writes there is here."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v, view.doc = self.k[:, start:stop], self.v[:, start:stop], self.doc[start:stop]
+        view.lens, view.pos, view.max_len, view.slots, view.end = self.lens[start:stop], 0, self.max_len, None, None
+        return view
+
+    def copy_row(self, src, dst):
+        """Row src's keys, values and length into row dst (per row)."""
+        n = int(self.lens[src])
+        self.k[:, dst, :, :n], self.v[:, dst, :, :n] = self.k[:, src, :, :n], self.v[:, src, :, :n]
+        self.lens[dst] = n
 
 
 class CausalSelfAttention(nn.Module):
@@ -472,10 +503,12 @@ class GPT(nn.Module):
         """
         B, T = idx.shape
         start = kv_cache.pos if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
         mask = None
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.lens is not None:
+            pos, mask = self._rows_ahead(kv_cache, T, pos, doc)
+        elif start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than block_size={self.config.block_size}")
+        elif kv_cache is not None:
             kv_cache.doc[:, start:start + T] = 0 if doc is None else doc
         if doc is not None:
             # One mask for all layers and heads: (B, 1, T, T_past + T).
@@ -495,7 +528,9 @@ class GPT(nn.Module):
             else:
                 x = block(x, rope, kv_cache, mask)
         x = self.transformer.ln_f(x)
-        if kv_cache is not None:
+        if kv_cache is not None and kv_cache.lens is not None:
+            kv_cache.lens += T  # in place: a cache from rows() advances the rows of the cache it came from
+        elif kv_cache is not None:
             kv_cache.pos += T
 
         if targets is None:
@@ -513,6 +548,26 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.float().view(B * T, -1), targets.reshape(-1), ignore_index=-1,
                                reduction=reduction)
         return logits, loss
+
+    def _rows_ahead(self, cache, T, pos, doc):
+        """For a per-row cache: each row's T new tokens go to slots lens[row].. (cache.slots), which are also
+        their positions; the keys in use are the first cache.end slots. -> (pos, mask): the mask is None when
+        every row has the same length (plain causal attention then sees exactly the right keys), else
+        (B, 1, T, end), True where a key's slot is at or before the query's."""
+        if doc is not None:
+            raise ValueError("a per-row KV cache keeps no document ids: give each document its own row")
+        lo, hi = cache.lens.aminmax()
+        lo, hi = int(lo), int(hi)
+        if hi + T > min(cache.max_len, self.config.block_size):
+            raise ValueError(f"a row of {hi} cached tokens has no room for {T} more: the cache holds "
+                             f"{min(cache.max_len, self.config.block_size)}")
+        cache.slots = cache.lens[:, None] + torch.arange(T, device=cache.lens.device)  # (B, T)
+        cache.end = hi + T
+        mask = None
+        if lo != hi:
+            keys = torch.arange(cache.end, device=cache.lens.device)
+            mask = (keys[None, None, :] <= cache.slots[:, :, None]).unsqueeze(1)  # (B, 1, T, end)
+        return (cache.slots if pos is None else pos), mask
 
     def _logits(self, x):
         logits = self.lm_head(x)
@@ -734,6 +789,106 @@ class GPT(nn.Module):
                 src = theirs[name]
                 p.copy_(src.t() if name.endswith(transposed) else src)
         return model
+
+
+# --- continuous batching ---
+# GPT.generate decodes a batch whose rows start together and stay until the last one is done. A server's
+# requests arrive and finish at any time, and decoding them one after another reads every weight once per token
+# of each request. Continuous batching (Yu et al. 2022, "Orca") decodes every active sequence in one forward per
+# step, and lets sequences join and leave between two steps: the weights are read once per step for all of them.
+# On a CPU or a GPU a small batch costs about what one row costs (the step is spent reading weights and in
+# Python, not in arithmetic), so the tokens per second grow nearly with the batch. serve.py runs its requests
+# through this; anything that samples many prompts of different lengths can too.
+
+class Sequence:
+    """One sequence being decoded: its sampling settings and random generator, and the tokens sampled so far
+    (the last one not yet fed to the model). `row` is its row of the batch's cache, None once removed."""
+
+    def __init__(self, temperature, top_k, top_p, generator):
+        self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
+        self.tokens, self.row = [], None
+
+
+class DecodeBatch:
+    """Sequences decoded together, each at its own length, joining and leaving between steps.
+
+        batch = DecodeBatch(model, max_rows=16)
+        a = batch.add(prompt_ids, temperature=0)[0]   # prefill; a.tokens holds its first token
+        batch.step()                                  # one forward for every sequence: each gets one more token
+        batch.remove(a)                               # its row is free for the next add
+
+    The cache is per row (KVCache(per_row=True)): a sequence's tokens sit in its row at slots equal to their
+    positions, and a step feeds each row its last token at slot lens[row], masked to see only its own slots.
+    Rows in use are always the first len(batch): remove moves the last sequence into the freed row, so a step
+    computes no empty rows. What a sequence samples does not depend on the others: the same logits up to float
+    rounding, and its own generator. The model is put in eval mode (no dropout) and stays there.
+    """
+
+    def __init__(self, model, max_rows, max_len=None):
+        cfg, weight = model.config, model.transformer.wte.weight
+        self.model, self.max_rows = model.eval(), max_rows
+        self.cache = KVCache(cfg.n_layer, max_rows, cfg.n_kv_head, max_len or cfg.block_size, cfg.n_embd // cfg.n_head,
+                             weight.device, weight.dtype, per_row=True)
+        self.seqs = []  # seqs[i] is in row i
+
+    def __len__(self):
+        return len(self.seqs)
+
+    @torch.no_grad()
+    def add(self, prompt, n=1, temperature=1.0, top_k=None, top_p=None, seed=None):
+        """Prefill prompt (a list of token ids) once into n free rows and sample each one's first token.
+
+        -> the n new Sequences. With a seed, sequence j draws from a generator seeded seed + j: its tokens are
+        those of the same prompt added alone with seed + j, whatever else the batch holds."""
+        if not prompt:
+            raise ValueError("the prompt is empty: give it at least one token")
+        if len(self.seqs) + n > self.max_rows:
+            raise ValueError(f"{n} new sequences do not fit: {self.max_rows - len(self.seqs)} of {self.max_rows} "
+                             f"rows are free; remove a sequence first")
+        row, device = len(self.seqs), self.cache.lens.device
+        view = self.cache.rows(row, row + 1)
+        view.lens.zero_()
+        logits, _ = self.model(torch.tensor([prompt], device=device), kv_cache=view, last_only=True)
+        new = []
+        for j in range(n):
+            if j:
+                self.cache.copy_row(row, row + j)
+            generator = None if seed is None else torch.Generator(device=device).manual_seed(seed + j)
+            seq = Sequence(temperature, top_k, top_p, generator)
+            seq.row = row + j
+            new.append(seq)
+        self.seqs += new
+        self._sample(new, logits[:, -1].expand(n, -1))
+        return new
+
+    @torch.no_grad()
+    def step(self):
+        """One forward for every sequence, fed its last token; each samples its next one (appended to .tokens)."""
+        if not self.seqs:
+            return
+        last = torch.tensor([[s.tokens[-1]] for s in self.seqs], device=self.cache.lens.device)  # (B, 1)
+        logits, _ = self.model(last, kv_cache=self.cache.rows(0, len(self.seqs)))
+        self._sample(self.seqs, logits[:, -1])
+
+    def remove(self, seq):
+        """Free seq's row; the last sequence moves into it (its cache row copied), so rows in use stay first."""
+        last = self.seqs.pop()
+        if last is not seq:
+            self.cache.copy_row(last.row, seq.row)
+            last.row = seq.row
+            self.seqs[seq.row] = last
+        seq.row = None
+
+    def _sample(self, seqs, logits):
+        """Each sequence's next token from its row of logits (B, V), with its own settings and generator."""
+        logits = logits[:, :self.model.config.n_tokens]  # rows above n_tokens are padding (see generate)
+        if all(s.temperature == 0 for s in seqs):
+            ids = logits.argmax(dim=-1).tolist()  # greedy: one call for the batch
+        else:
+            ids = torch.cat([sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)
+                             for i, s in enumerate(seqs)]).view(-1).tolist()
+        for s, t in zip(seqs, ids):
+            s.tokens.append(t)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PEAK_BF16_FLOPS, GPT, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
+from model import PEAK_BF16_FLOPS, GPT, DecodeBatch, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
 from model import sample_next
 
 # Small configs that together touch every switch: positions, norms, MLPs, GQA/MQA, QK-norm, soft-capping.
@@ -669,6 +669,79 @@ def test_generate_n_shares_one_prefill_and_equals_repeating_each_prompt():
     assert len({tuple(r) for r in shared[:4]}) > 1  # the copies sample apart at T = 1
     tensor = model.generate(torch.tensor([[1, 2, 3]]), 6, temperature=1.0, seed=2, n=3)
     assert torch.equal(tensor, model.generate(torch.tensor([[1, 2, 3]] * 3), 6, temperature=1.0, seed=2))
+
+
+
+# --- continuous batching: a per-row cache, sequences joining and leaving ---
+
+@pytest.mark.parametrize("attn", ["sdpa", "naive"])
+@pytest.mark.parametrize("variant", PACKING_VARIANTS)
+def test_per_row_cache_decodes_rows_of_different_lengths_like_full_forwards(variant, attn):
+    config = small_config(attn=attn, **VARIANTS[variant])
+    model = random_model(config).eval()
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 67, (n,)) for n in (9, 4, 13)]
+    cache = KVCache(config.n_layer, 3, config.n_kv_head, config.block_size, config.n_embd // config.n_head,
+                    "cpu", torch.float32, per_row=True)
+    with torch.no_grad():
+        for row, s in enumerate(seqs):  # each prompt prefilled alone into its own row, all but its last 3 tokens
+            model(s[None, :-3], kv_cache=cache.rows(row, row + 1))
+        assert cache.lens.tolist() == [6, 1, 10]
+        steps = [model(torch.stack([s[t - 3] for s in seqs])[:, None], kv_cache=cache)[0] for t in range(3)]
+        chunk = model(torch.randint(0, 67, (3, 2)), kv_cache=cache)[0]  # two tokens per row at once: T > 1
+        for row, s in enumerate(seqs):
+            full, _ = model(s[None])
+            torch.testing.assert_close(torch.cat([step[row] for step in steps]), full[0, -3:], atol=1e-5, rtol=1e-5)
+        assert cache.lens.tolist() == [11, 6, 15] and chunk.shape == (3, 2, 67)
+        with pytest.raises(ValueError, match="no room"):
+            model(torch.zeros(3, 10, dtype=torch.long), kv_cache=cache)
+
+
+@pytest.mark.parametrize("variant", PACKING_VARIANTS)
+def test_decode_batch_greedy_equals_each_prompt_alone_while_others_join_and_leave(variant):
+    config = small_config(**VARIANTS[variant])
+    model = random_model(config).eval()
+    torch.manual_seed(2)
+    prompts = [torch.randint(0, 67, (n,)).tolist() for n in (3, 7, 1, 5, 2)]
+    n_new = 10
+    alone = [model.generate([p], n_new, temperature=0)[0] for p in prompts]
+    batch = DecodeBatch(model, max_rows=3)
+    joins = {0: [0, 1], 2: [2], 5: [3], 9: [4]}  # step -> prompts that arrive then (more than 3 never fit at once)
+    running, got, cancelled = {}, {}, None
+    for step in range(40):
+        for i, seq in list(running.items()):
+            if len(seq.tokens) == n_new or (i == 1 and step == 4):  # prompt 1 is cancelled mid-way
+                got[i] = seq.tokens
+                batch.remove(seq)
+                del running[i]
+        for i in joins.get(step, []):
+            running[i] = batch.add(prompts[i], temperature=0)[0]
+        assert [s.row for s in batch.seqs] == list(range(len(batch))) and len(batch) <= 3
+        batch.step()
+    assert sorted(got) == [0, 1, 2, 3, 4] and not running
+    for i in (0, 2, 3, 4):
+        assert got[i] == alone[i], i
+    assert got[1] == alone[1][:len(got[1])] and len(got[1]) < n_new  # what it had before it left
+
+
+def test_decode_batch_seeded_samples_do_not_depend_on_the_batch():
+    model = random_model(small_config()).eval()
+    alone = DecodeBatch(model, 4)
+    a = alone.add([1, 2, 3], temperature=1.0, top_k=20, seed=11)[0]
+    b = alone.add([4, 5], temperature=0.8, top_p=0.9, seed=12)[0]
+    crowded = DecodeBatch(model, 6)
+    crowded.add([9, 9, 9, 9], temperature=1.0)  # unseeded neighbours draw from the global generator
+    a2, a3 = crowded.add([1, 2, 3], n=2, temperature=1.0, top_k=20, seed=11)  # one prefill; seeds 11 and 12
+    crowded.add([7], temperature=0)
+    for _ in range(12):
+        alone.step()
+        crowded.step()
+    assert a2.tokens == a.tokens
+    assert a3.tokens != a2.tokens  # its own generator (seed 12), not a copy
+    with pytest.raises(ValueError, match="2 of 6 rows are free"):
+        crowded.add([1], n=3)
+    with pytest.raises(ValueError, match="empty"):
+        crowded.add([])
 
 
 # --- a padded vocabulary ---
