@@ -5,7 +5,7 @@
     python bench.py train      # tokens/s and MFU per preset on the device at hand
     python bench.py eval       # eval.py's memorisation index: build and query time
     python bench.py sft        # packed SFT tokens/s against pretraining, padding saved, batched generation
-    python bench.py serve      # serve.py: streamed tokens/s against in-process generate, time to first token
+    python bench.py serve      # serve.py under load: one request at a time against continuous batching
     python bench.py rl         # rlhf.py's rollouts: shared prefill and KV cache against a naive loop
 
 Figures go into BENCHMARKS.md with the device they were measured on.
@@ -395,17 +395,23 @@ def bench_sft(args):
 # --- serve ---
 
 def bench_serve(args):
-    """serve.py's streaming overhead: new tokens/s of one streamed answer through the server against GPT.generate
-    in this process, the time to the first token, and 16 concurrent streaming clients.
+    """serve.py under load: one request at a time (--max-batch 1) against continuous batching (--max-batch 16),
+    the same checkpoint, the same clients, one run.
 
-    The server runs in its own process (as it would for a real client), started on a free port of 127.0.0.1; this
-    process is the client, reading the Server-Sent Events with http.client. Every answer is exactly --new-tokens
-    long (greedy, ignore_eos), so both sides generate the same tokens. The 16 clients sample with seeds 0..15;
-    each answer must equal the one the same seed gives alone.
+    Each design runs in its own server process on a free port of 127.0.0.1 (as it would for real clients); this
+    process is the clients, reading the Server-Sent Events with http.client, one thread per client, every client
+    connecting at once. For each design:
+      1 client      one streamed answer of --new-tokens greedy tokens (ignore_eos), median of --repeats, beside
+                    GPT.generate in this process
+      16, 64, ...   --clients concurrent streaming clients, each one answer of --new-tokens / 4 tokens sampled
+                    with its own seed: aggregate new tokens/s over the wall time, time to first token (p50,
+                    p90), 429s (a refused client waits the Retry-After it was given and asks again, as the
+                    official client does, up to 10 times), answers lost, and answers that differ from the same
+                    seed's answer alone (there must be none)
 
         python bench.py serve                           # mini: the newest out/sft checkpoint, else random weights
-        python bench.py serve --init /tmp/sft/ckpt_000600.pt --threads 1
-        python bench.py serve --preset gpt2 --device cuda
+        python bench.py serve --init /tmp/sft/ckpt_000600.pt --threads 1 --clients 16,64
+        python bench.py serve --preset gpt2 --device cuda --max-batch 64
     """
     import http.client
     import json
@@ -432,11 +438,13 @@ def bench_serve(args):
     parser.add_argument("--preset", default="mini", help="model.PRESETS name for random weights")
     parser.add_argument("--data-dir", default="data/stdlib", help="tokenizer folder for random weights")
     parser.add_argument("--new-tokens", type=int, default=200, help="tokens per answer (clipped to the context)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed answers per side (the median is reported)")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent streaming clients")
+    parser.add_argument("--repeats", type=int, default=5, help="timed single answers per design (median reported)")
+    parser.add_argument("--clients", default="16,64", help="comma-separated numbers of concurrent streaming clients")
+    parser.add_argument("--max-batch", type=int, default=16, help="the batched design's serve.py --max-batch")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads, here and in the server")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default cuda when available")
     opts = parser.parse_args(args)
+    crowds = [int(c) for c in opts.clients.split(",")]
 
     rt = train.setup_runtime(opts.device, None, opts.threads)
     tmp = tempfile.TemporaryDirectory()
@@ -455,10 +463,11 @@ def bench_serve(args):
     messages = ex["messages"][:-1]
     prompt = sft.render_prompt(messages, tok)
     n = min(opts.new_tokens, model.config.block_size - len(prompt))
+    m = max(1, n // 4)
     print(f"{path}: {model.num_params():,} parameters on {rt.device}, {torch.get_num_threads()} threads; "
-          f"prompt {len(prompt)} tokens, {n} new tokens per answer")
+          f"prompt {len(prompt)} tokens; {n} greedy tokens alone, {m} sampled tokens per concurrent client")
 
-    # --- 1: in this process ---
+    # --- in this process: the reference for one answer ---
     def in_process():
         first = []
         t0 = time.perf_counter()
@@ -470,27 +479,27 @@ def bench_serve(args):
 
     in_process()  # warm-up
     local = [in_process() for _ in range(opts.repeats)]
+    del model
 
-    # --- 2: through the server ---
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "serve.py", path, "--port", str(port), "--threads", str(opts.threads), "--no-log-requests",
-           "--model-name", "bench", "--max-queue", str(max(32, opts.clients))]
-    if opts.device:
-        cmd += ["--device", opts.device]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-
-    def post(body):
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-        conn.request("POST", "/v1/chat/completions", json.dumps({"model": "bench", "messages": messages, **body}),
-                     {"Content-Type": "application/json"})
-        return conn, conn.getresponse()
-
-    def stream(**body):
-        """(seconds to [DONE], seconds to the first content, text, completion tokens) of one streamed answer."""
-        t0 = time.perf_counter()
-        conn, r = post({"stream": True, "stream_options": {"include_usage": True}, **body})
+    # --- through a server ---
+    def stream(port, **body):
+        """One streamed answer, retrying a 429 after its Retry-After. -> dict: seconds to [DONE] and to the first
+        content (both from the first attempt), text, completion tokens, the 429s met."""
+        t0, refused = time.perf_counter(), 0
+        for _ in range(11):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+            conn.request("POST", "/v1/chat/completions",
+                         json.dumps({"model": "bench", "messages": messages, "stream": True,
+                                     "stream_options": {"include_usage": True}, **body}),
+                         {"Content-Type": "application/json"})
+            r = conn.getresponse()
+            if r.status != 429:
+                break
+            refused += 1
+            r.read()
+            conn.close()
+            time.sleep(float(r.getheader("Retry-After", "1")))
+        assert r.status == 200, f"status {r.status}: {r.read()[:200]!r}"
         first, text, tokens = None, "", None
         for line in r:
             if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
@@ -502,59 +511,87 @@ def bench_serve(args):
                 first = first or time.perf_counter()
                 text += chunk["choices"][0]["delta"]["content"]
         conn.close()
-        return time.perf_counter() - t0, first - t0, text, tokens
+        return {"seconds": time.perf_counter() - t0, "ttft": first - t0, "text": text, "tokens": tokens,
+                "refused": refused}
 
-    try:
-        for _ in range(600):  # the server loads the model: at most a minute
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-                conn.request("GET", "/health")
-                if conn.getresponse().status == 200:
-                    break
-            except OSError:
-                time.sleep(0.1)
-        else:
-            raise SystemExit("the server did not start within a minute")
-        greedy = dict(max_tokens=n, temperature=0, ignore_eos=True)
-        stream(**greedy)  # warm-up
-        served = [stream(**greedy) for _ in range(opts.repeats)]
-        assert all(s[3] == n for s in served), f"answers of {[s[3] for s in served]} tokens, expected {n}"
+    def measure(max_batch):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "serve.py", path, "--port", str(port), "--threads", str(opts.threads),
+               "--no-log-requests", "--model-name", "bench", "--max-batch", str(max_batch)]
+        if opts.device:
+            cmd += ["--device", opts.device]
+        server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        try:
+            for _ in range(600):  # the server loads the model: at most a minute
+                try:
+                    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+                    conn.request("GET", "/health")
+                    if conn.getresponse().status == 200:
+                        break
+                except OSError:
+                    time.sleep(0.1)
+            else:
+                raise SystemExit("the server did not start within a minute")
+            greedy = dict(max_tokens=n, temperature=0, ignore_eos=True)
+            stream(port, **greedy)  # warm-up
+            single = [stream(port, **greedy) for _ in range(opts.repeats)]
+            assert all(s["tokens"] == n for s in single), f"answers of {[s['tokens'] for s in single]} tokens"
+            sampled = dict(max_tokens=m, temperature=1.0, ignore_eos=True)
+            crowd = {}
+            for k in crowds:
+                alone = {s: stream(port, seed=s, **sampled)["text"] for s in range(min(k, 16))}
+                got = [None] * k
 
-        # --- 3: concurrent clients ---
-        m = max(1, n // 4)
-        sampled = dict(max_tokens=m, temperature=1.0, ignore_eos=True)
-        alone = [stream(seed=s, **sampled)[2] for s in range(opts.clients)]
-        together, latency = [None] * opts.clients, [None] * opts.clients
+                def client(s):
+                    try:
+                        got[s] = stream(port, seed=s, **sampled)
+                    except Exception as e:  # counted as lost below
+                        print(f"  client {s}: {type(e).__name__}: {e}", file=sys.stderr)
 
-        def client(s):
-            together[s] = stream(seed=s, **sampled)[2]
-            latency[s] = time.perf_counter() - t0
+                threads = [threading.Thread(target=client, args=(s,)) for s in range(k)]
+                t0 = time.perf_counter()
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=600)
+                wall = time.perf_counter() - t0
+                done = [g for g in got if g is not None]
+                crowd[k] = {"wall": wall, "tokens": sum(g["tokens"] for g in done), "lost": k - len(done),
+                            "ttft": sorted(g["ttft"] for g in done), "refused": sum(g["refused"] for g in done),
+                            "refused_clients": sum(g["refused"] > 0 for g in done),
+                            "differ": sum(got[s] is not None and got[s]["text"] != alone[s] for s in alone)}
+            return single, crowd
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
-        threads = [threading.Thread(target=client, args=(s,)) for s in range(opts.clients)]
-        t0 = time.perf_counter()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=600)
-        wall = time.perf_counter() - t0
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-        tmp.cleanup()
+    designs = {"one at a time (--max-batch 1)": measure(1),
+               f"continuous batching (--max-batch {opts.max_batch})": measure(opts.max_batch)}
+    tmp.cleanup()
 
     t_local, ttft_local = statistics.median(t for t, _ in local), statistics.median(f for _, f in local)
-    t_served, ttft_served = statistics.median(s[0] for s in served), statistics.median(s[1] for s in served)
-    print(f"\none streamed answer of {n} tokens, median of {opts.repeats}")
+    print(f"\none streamed answer of {n} greedy tokens, median of {opts.repeats}")
     print("| path | new tokens/s | time to first token | vs in-process |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| GPT.generate in this process | {n / t_local:,.0f} | {1000 * ttft_local:.1f} ms | 1 |")
-    print(f"| serve.py, SSE over 127.0.0.1 | {n / t_served:,.0f} | {1000 * ttft_served:.1f} ms | "
-          f"{t_local / t_served:.2f}x |")
-    done = sum(t is not None for t in together)
-    same = sum(a == b for a, b in zip(alone, together))
-    print(f"\n{opts.clients} concurrent streaming clients, {m} sampled tokens each: {done}/{opts.clients} served, "
-          f"{same}/{opts.clients} identical to the same seed alone; {opts.clients * m / wall:,.0f} tokens/s in all, "
-          f"last answer after {max(x for x in latency if x is not None):.2f} s")
+    for name, (single, _) in designs.items():
+        t, ttft = statistics.median(s["seconds"] for s in single), statistics.median(s["ttft"] for s in single)
+        print(f"| serve.py {name} | {n / t:,.0f} | {1000 * ttft:.1f} ms | {t_local / t:.2f}x |")
+    print(f"\nconcurrent streaming clients, {m} sampled tokens each, all connecting at once")
+    print("| design | clients | tokens/s in all | vs 1 client | TTFT p50 | TTFT p90 | answered | clients given 429 "
+          "(429s) | differ from alone |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (single, crowd) in designs.items():
+        one = n / statistics.median(s["seconds"] for s in single)
+        for k, c in crowd.items():
+            ttft = c["ttft"]
+            p50, p90 = (ttft[len(ttft) // 2], ttft[int(0.9 * (len(ttft) - 1))]) if ttft else (float("nan"),) * 2
+            rate = c["tokens"] / c["wall"]
+            print(f"| {name} | {k} | {rate:,.0f} | {rate / one:.2f}x | {p50:.2f} s | {p90:.2f} s | "
+                  f"{k - c['lost']}/{k} | {c['refused_clients']}/{k} ({c['refused']}) | "
+                  f"{c['differ']}/{min(k, 16)} |")
 
 
 # --- eval ---

@@ -404,12 +404,23 @@ def filter_logits(logits, top_k=None, top_p=None):
     return logits
 
 
+def draw(probs, u):
+    """One token id per row of probs (B, V), from uniforms u (B, 1) in [0, 1): the first token whose cumulative
+    probability passes u times the row's total (the inverse of the CDF). A token of probability 0 is never drawn.
+
+    torch.multinomial gives the same distribution, but on a CPU it took ~120 us for one row of 4,096 tokens and
+    ~1.6 ms for 16 rows, against ~20 us here: a tenth of a 16-row decode step of the mini preset."""
+    cdf = probs.cumsum(dim=-1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row from logits (B, V); temperature 0 means greedy (argmax)."""
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)  # (B, 1)
+    u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device)
+    return draw(F.softmax(logits, dim=-1), u)  # (B, 1)
 
 
 # --- the GPT ---
@@ -880,13 +891,28 @@ class DecodeBatch:
         seq.row = None
 
     def _sample(self, seqs, logits):
-        """Each sequence's next token from its row of logits (B, V), with its own settings and generator."""
-        logits = logits[:, :self.model.config.n_tokens]  # rows above n_tokens are padding (see generate)
-        if all(s.temperature == 0 for s in seqs):
-            ids = logits.argmax(dim=-1).tolist()  # greedy: one call for the batch
+        """Each sequence's next token from its row of logits (B, V), with its own settings and generator: what
+        sample_next gives that row alone, computed for all rows at once."""
+        logits = logits[:, :self.model.config.n_tokens].float()  # rows above n_tokens are padding (see generate)
+        temperatures, device = [s.temperature for s in seqs], logits.device
+        if not any(temperatures):
+            ids = logits.argmax(dim=-1).tolist()  # all greedy: one call for the batch
         else:
-            ids = torch.cat([sample_next(logits[i:i + 1], s.temperature, s.top_k, s.top_p, s.generator)
-                             for i, s in enumerate(seqs)]).view(-1).tolist()
+            if len(set(temperatures)) == 1:
+                logits = logits / temperatures[0]
+            else:  # greedy rows are divided by 1 here and take their argmax below
+                logits = logits / torch.tensor([[t or 1.0] for t in temperatures], device=device)
+            for i, s in enumerate(seqs):
+                if s.top_k is not None or (s.top_p is not None and s.top_p < 1.0):
+                    logits[i:i + 1] = filter_logits(logits[i:i + 1], s.top_k, s.top_p)
+            if any(s.generator is not None for s in seqs):  # each row's uniform from its own generator
+                u = torch.cat([torch.rand(1, 1, generator=s.generator, device=device) for s in seqs])
+            else:
+                u = torch.rand(len(seqs), 1, device=device)
+            ids = draw(F.softmax(logits, dim=-1), u).view(-1).tolist()
+            if not all(temperatures):
+                greedy = logits.argmax(dim=-1).tolist()  # dividing by 1 moved no argmax
+                ids = [g if t == 0 else i for g, i, t in zip(greedy, ids, temperatures)]
         for s, t in zip(seqs, ids):
             s.tokens.append(t)
 

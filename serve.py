@@ -9,7 +9,8 @@ One file, top to bottom:
     wire       the OpenAI error body, the response and chunk objects
     requests   a request body -> a validated Job (prompt ids and sampling parameters), or a 400 that names the field
     text       token bytes -> text that never splits a UTF-8 character and never shows a stop string
-    engine     one model, one worker thread, a bounded queue; a client that hangs up stops its generation
+    engine     one model, one worker thread decoding every request together (continuous batching), a bounded
+               queue; a client that hangs up leaves the batch at the next step
     http       ThreadingHTTPServer routes: /v1/models, /v1/chat/completions, /v1/completions, /health, / (the page)
     export     a Hugging Face folder: config.json, model.safetensors (written here), tokenizer.json, chat template
     main       serve a checkpoint, or --export it
@@ -34,39 +35,64 @@ From Python, with the official client:
 
 Everything the OpenAI wire format needs is JSON in and out, status codes, and Server-Sent Events: lines of
 `data: {json}` and a blank line, sent as they are ready. http.server's ThreadingHTTPServer gives one thread per
-connection and speaks HTTP/1.0, where a response without a Content-Length ends when the connection closes: just
-what a stream of events needs. FastAPI and uvicorn would add validation and async plumbing, not capability, and
-four dependencies a reader must learn first. The Python docs call http.server "not recommended for production":
-the production path is the export, served by an engine built for it (vllm serve, above).
+connection; here it speaks HTTP/1.1, and a stream goes out in chunked encoding, whose empty last chunk marks the
+end, so a stream cut short by a dying server is an error for the client, never an answer that looks complete.
+FastAPI and uvicorn would add validation and async plumbing, not capability, and four dependencies a reader
+must learn first. What the standard library leaves to us (a deadline for a whole request, the listen backlog,
+which hosts and origins may ask) is in the http section. The Python docs call http.server "not recommended for
+production"; what makes a server production-grade for a model is mostly the engine, and the engine here batches
+as vLLM's does (below), on a far smaller scale. For big models and many users the path is still the export,
+served by vLLM (above).
 
-## One model, one worker
+## One model, one worker, every request at once: continuous batching
 
-Each connection gets a thread, but only one thread (the worker) runs the model: it takes requests from a queue in
-order and answers each with one call to GPT.generate, whose on_token callback hands each step's tokens to the
-connection's thread. Two requests never share a forward pass, so an answer is exactly what the same seed gives
-alone, whatever else is running. The queue is bounded (--max-queue): when it is full a request is refused at once
-with 429 and Retry-After, which the official client honours by retrying later, rather than waiting unboundedly.
+Each connection gets a thread, but only one thread (the worker) runs the model. A decode step of a model this
+size costs about as much for sixteen sequences as for one: the time goes to reading the weights and to Python,
+not to arithmetic (model.DecodeBatch; figures in BENCHMARKS.md). So the worker decodes every active request in
+one batch, one forward per step, and requests join and leave between two steps: continuous batching (Yu et al.
+2022, "Orca"), the idea the engines people deploy on (vLLM, TGI, llama.cpp's server) are built around. Rows of
+the batch over time, one column per step, with requests A to E:
+
+    step      1      2      3      4      5      6      7
+    place 0   A pre  A      A      A end  C pre  C      C       pre: the prompt is run (prefill) and gives the
+    place 1   B pre  B      B      B      B      B end  -            first token; end: a stop token, a stop
+    place 2          D pre  D end  E pre  E      E      E            string, max_tokens, or a hang-up; -: free
+
+Each step first admits waiting requests, in order, while their n choices fit in --max-batch rows (each prompt is
+prefilled alone into a free row), then runs one forward for all rows, hands each choice its token, and retires
+the choices that ended: their rows are free for the next request at the next step. A short answer never waits
+for a long one, and a request waits in the queue only while every row is taken. An answer does not depend on
+what else is running: each sequence's keys sit in its own row of the KV cache and its attention sees only them,
+and a seeded request samples from its own generators (choice j from seed + j), so greedy answers equal the same
+request alone (tests/test_serve.py). --max-batch 1 is the one-at-a-time design this server had before, kept
+for comparison: `python bench.py serve` measures the two side by side.
+
+The queue is bounded (--max-queue): when it is full a request is refused at once with 429 and a Retry-After of
+about the time the waiting requests will take, which the official client honours by retrying later.
 
 A client that hangs up is noticed by the worker itself between two tokens: it polls the connection's socket, which
 reads as "readable with zero bytes" once the peer has closed. So generation stops within a token or two of the
 hang-up, not at the next failed write, and not at all for a non-streaming request, which writes nothing until the
-end. on_token raises, and the exception ends generate's loop (that is how a caller stops it early).
+end. Its rows leave the batch at once, free for the next request.
 """
 import codecs
 import hmac
+import io
 import json
+import math
 import os
 import queue
 import re
 import select
 import shutil
+import signal
 import socket
 import struct
 import sys
 import threading
 import time
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -75,6 +101,7 @@ import torch
 import data
 import sft
 import train
+from model import DecodeBatch
 
 
 # --- config ---
@@ -87,7 +114,9 @@ class ServeConfig:
     model_name: str | None = None       # the model id clients name; None = the checkpoint's run folder name
     data_dir: str | None = None         # tokenizer folder; None = the one the checkpoint was trained on
     max_queue: int = 32                 # requests waiting for the worker; one more is refused with 429
+    max_batch: int = 16                 # sequences decoded together (continuous batching); 1 = one at a time
     max_body_bytes: int = 1 << 20       # largest request body, in bytes; larger is refused with 413
+    request_timeout: float = 30.0       # seconds to receive a whole request (line, headers, body); then 408
     max_tokens: int | None = None       # new tokens when a request gives no max_tokens; None = up to the context
     max_n: int = 16                     # most choices one request may ask for (n)
     device: str | None = None           # cpu or cuda; None = cuda when available
@@ -114,17 +143,16 @@ class ServeError(train.TrainError):
 class APIError(Exception):
     """An OpenAI-style error: status, and the body {"error": {"message", "type", "param", "code"}}."""
 
-    TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-             405: "invalid_request_error", 411: "invalid_request_error", 413: "invalid_request_error",
-             429: "rate_limit_error", 500: "server_error", 501: "server_error", 503: "server_error"}
+    TYPES = {429: "rate_limit_error"}  # the rest by class: 4xx invalid_request_error, 5xx server_error
 
-    def __init__(self, status, message, code=None, param=None):
+    def __init__(self, status, message, code=None, param=None, retry_after=None):
         super().__init__(message)
         self.status, self.message, self.code, self.param = status, message, code, param
+        self.retry_after = retry_after  # seconds, for a 429: how long the queue ahead should take
 
     def body(self):
-        return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        kind = self.TYPES.get(self.status, "invalid_request_error" if self.status < 500 else "server_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
 def bad(message, param=None, code="invalid_value"):
@@ -250,6 +278,7 @@ def parse_job(kind, body, tokenizer, block_size, cfg, model_id):
     max_tokens = max_tokens or min(room, cfg.max_tokens or room)
     number = (int, float)
     temperature = field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")
+    temperature = temperature if temperature >= 1e-5 else 0.0  # greedy below 1e-5, as vLLM: logits/1e-40 overflow
     top_p = field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number above 0, at most 1")
     top_k = field(body, "top_k", int, 0, lambda v: v >= 0, "an integer of at least 0 (0 = off)")
     seed = field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "an integer from 0 to 2^63-1")
@@ -311,15 +340,7 @@ class TextStream:
         return out
 
 
-# --- engine: one model, one worker, a bounded queue ---
-
-class Cancelled(Exception):
-    """Raised inside on_token to end generate's loop when the client has gone."""
-
-
-class AllDone(Exception):
-    """Raised inside on_token when every choice has ended on a stop string (generate knows only stop tokens)."""
-
+# --- engine: one model, one worker, continuous batching ---
 
 def client_gone(sock):
     """True when the peer of sock has closed the connection: readable, with zero bytes to read. Never blocks."""
@@ -332,7 +353,7 @@ def client_gone(sock):
         return True
 
 
-# Seconds between two looks at the client's socket, and between two hand-overs of new text to the connection's
+# Seconds between two looks at a client's socket, and between two hand-overs of new text to the connection's
 # thread. Each hand-over wakes that thread, which then competes with the worker for the GIL: once per token, at
 # the mini preset's ~700 tokens/s on a CPU, that cost up to 18% of the speed. Every 5 ms, an answer arrives in
 # groups of a few tokens that no reader can tell apart, a hang-up is still seen within a few tokens, and a
@@ -341,138 +362,295 @@ TICK = 0.005
 
 
 class Engine:
-    """The model, its tokenizer, and the worker thread that runs every generation, one request at a time."""
+    """The model, its tokenizer, and the worker thread that decodes every request: continuous batching.
 
-    def __init__(self, model, tokenizer, model_id="forge", max_queue=32, autocast=nullcontext):
+    The worker's loop, once per step:
+      admit    take waiting requests from the queue, in order, while their n choices fit in max_batch rows;
+               prefill each prompt (model.DecodeBatch.add) and hand out its first token
+      decode   one batched forward for every active choice (DecodeBatch.step): each gets its next token
+      hand out each token goes through its choice's TextStream; a choice that hits a stop token, a stop
+               string or max_tokens leaves the batch (its row is free for the next request at once)
+      retire   a request whose choices have all finished gets its "done" event; one whose client hung up
+               leaves the batch with all its choices
+    """
+
+    def __init__(self, model, tokenizer, model_id="forge", max_queue=32, autocast=nullcontext, max_batch=16,
+                 max_n=16):
         self.model, self.tokenizer, self.model_id = model.eval(), tokenizer, model_id
         self.block_size = model.config.block_size
-        self.autocast = autocast
+        self.autocast, self.max_batch = autocast, max_batch
+        self.rows = max(max_batch, max_n)  # a request with more choices than max_batch runs when it is alone
         self.jobs = queue.Queue(maxsize=max_queue)
-        self.stats = {"served": 0, "cancelled": 0, "tokens": 0, "busy": False}
-        self.last_tokens = 0  # tokens generated for the most recent job (tests read it after a hang-up)
+        self.stats = {"served": 0, "cancelled": 0, "tokens": 0, "busy": False, "active": 0, "peak_active": 0}
+        self.last_tokens = 0  # tokens of the request that left the batch last (tests read it after a hang-up)
+        self.seconds = 1.0    # a request's mean time in the batch (moving average), for Retry-After
+        self._closing, self._deadline = threading.Event(), None
         self._worker = threading.Thread(target=self._loop, name="forge-worker", daemon=True)
         self._worker.start()
 
     def submit(self, job):
+        if self._closing.is_set():
+            raise APIError(503, "the server is shutting down", "shutting_down")
         try:
             self.jobs.put_nowait(job)
         except queue.Full:
             raise APIError(429, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
-                                "retry in a moment", "queue_full") from None
+                                "retry in a moment", "queue_full", retry_after=self.retry_after()) from None
 
-    def close(self):
-        self.jobs.put(None)
-        self._worker.join(timeout=10)
+    def retry_after(self):
+        """Seconds until the requests waiting now should have been served: max_batch at a time, each taking
+        the mean time a request spends in the batch."""
+        return max(1, math.ceil(self.jobs.qsize() / self.max_batch * self.seconds))
+
+    def close(self, timeout=10.0):
+        """Stop: no new requests; those waiting get a 503; those running finish, or after `timeout` seconds
+        end with an error (a stream says so, so a cut answer never looks complete)."""
+        self._deadline = time.monotonic() + timeout
+        self._closing.set()
+        try:
+            self.jobs.put_nowait(None)  # wakes a worker that waits for work
+        except queue.Full:
+            pass  # then it is not waiting
+        self._worker.join(timeout=timeout + 5)
 
     def _loop(self):
-        while (job := self.jobs.get()) is not None:
-            if job.cancelled.is_set() or client_gone(job.conn):  # hung up while waiting: nothing to do
-                self.stats["cancelled"] += 1
+        batch, running, head = DecodeBatch(self.model, self.rows), [], None  # head: next request, waiting for rows
+        while True:
+            if self._closing.is_set():
+                while head is not None or not self.jobs.empty():
+                    job, head = head or self.jobs.get_nowait(), None
+                    if job is not None:
+                        job.events.put(("error", APIError(503, "the server is shutting down", "shutting_down")))
+                if not running:
+                    return
+                if time.monotonic() > self._deadline:
+                    self._fail(running, APIError(503, "the server shut down before the answer was finished",
+                                                 "shutting_down"))
+                    return
+            # admit, in arrival order: a request whose choices do not fit waits at the head for rows to free up
+            while not self._closing.is_set() and (not running or len(batch) < self.max_batch):
+                if head is None:
+                    try:
+                        head = self.jobs.get(block=not running)  # nothing running: sleep until a request comes
+                    except queue.Empty:
+                        break
+                    if head is None:  # close() woke us
+                        break
+                if running and len(batch) + head.n > self.max_batch:
+                    break
+                job, head = head, None
+                self._start(job, batch, running)
+            if not running:
                 continue
-            self.stats["busy"] = True
             try:
-                self._run(job)
-            except Cancelled:
-                self.stats["cancelled"] += 1
-            except Exception as e:  # the connection's thread turns it into a 500, or an error event in a stream
-                job.events.put(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")))
-            finally:
-                self.stats["busy"] = False
+                with self.autocast():
+                    batch.step()
+            except Exception as e:  # every running request fails: the batch's state is unknown
+                self._fail(running, APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error"))
+                batch, running = DecodeBatch(self.model, self.rows), []
+                continue
+            self.stats["peak_active"] = max(self.stats["peak_active"], len(batch))  # rows decoded together
+            for job in running[:]:
+                self._hand_out(job, batch, running)
+            self.stats["active"], self.stats["busy"] = len(batch), bool(running)
 
-    def _run(self, job):
-        rows = [TextStream(job.stop) for _ in range(job.n)]
-        stop_ids, token_bytes = set(job.stop_ids), self.tokenizer.enc.decode_single_token_bytes
-        self.last_tokens = 0
-
-        deltas, last_tick = [], 0.0
-
-        def on_token(ids):  # called by generate after every step with each row's new token (None once stopped)
-            nonlocal last_tick
-            if job.cancelled.is_set():
-                raise Cancelled
-            self.last_tokens += 1
-            for i, t in enumerate(ids):
-                row = rows[i]
-                if t is None or row.finish_reason:  # stopped (token or stop string): later tokens are not shown
-                    continue
-                row.tokens += 1
-                text = row.finish("stop") if t in stop_ids else row.push(token_bytes(t))
-                if text or row.finish_reason:
-                    deltas.append((i, text, row.finish_reason))
-            finished = all(r.finish_reason for r in rows)
-            now = time.perf_counter()
-            if now - last_tick >= TICK or finished:
-                last_tick = now
-                if client_gone(job.conn):
-                    raise Cancelled
-                if job.stream and deltas:
-                    job.events.put(("delta", deltas[:]))
-                    deltas.clear()
-            if finished:
-                raise AllDone
-
+    def _start(self, job, batch, running):
+        """Prefill a request's prompt into n rows and hand out the first token of each choice."""
+        if job.cancelled.is_set() or client_gone(job.conn):  # hung up while waiting: nothing to do
+            self.stats["cancelled"] += 1
+            return
+        job.texts = [TextStream(job.stop) for _ in range(job.n)]
+        job.deltas, job.tick, job.started = [], 0.0, time.perf_counter()
         try:
             with self.autocast():
-                self.model.generate([job.prompt] * job.n, job.max_tokens, temperature=job.temperature,
-                                    top_k=job.top_k, top_p=job.top_p, stop_tokens=job.stop_ids, seed=job.seed,
-                                    on_token=on_token)
-        except AllDone:
-            pass
-        deltas += [(i, r.finish("length"), "length") for i, r in enumerate(rows) if not r.finish_reason]
-        if job.stream and deltas:
-            job.events.put(("delta", deltas))
-        self.stats["served"] += 1
-        self.stats["tokens"] += sum(r.tokens for r in rows)
-        job.events.put(("done", [{"text": r.text, "finish_reason": r.finish_reason, "tokens": r.tokens}
-                                 for r in rows]))
+                job.seqs = batch.add(job.prompt, job.n, job.temperature, job.top_k, job.top_p, job.seed)
+        except Exception as e:  # this request alone fails (its rows never joined the batch)
+            job.events.put(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", "server_error")))
+            return
+        running.append(job)
+        self.stats["active"], self.stats["busy"] = len(batch), True
+        self._hand_out(job, batch, running)
+
+    def _hand_out(self, job, batch, running):
+        """Each unfinished choice's newest token -> text for the client; finished choices leave the batch."""
+        token_bytes = self.tokenizer.enc.decode_single_token_bytes
+        for i, (seq, text) in enumerate(zip(job.seqs, job.texts)):
+            if seq.row is None:  # finished earlier
+                continue
+            t = seq.tokens[-1]
+            text.tokens += 1
+            new = text.finish("stop") if t in job.stop_ids else text.push(token_bytes(t))
+            if not text.finish_reason and text.tokens >= job.max_tokens:
+                new += text.finish("length")
+            if new or text.finish_reason:
+                job.deltas.append((i, new, text.finish_reason))
+            if text.finish_reason:
+                batch.remove(seq)
+        finished = all(seq.row is None for seq in job.seqs)
+        now = time.perf_counter()
+        if not finished and (job.cancelled.is_set() or (now - job.tick >= TICK and client_gone(job.conn))):
+            for seq in job.seqs:  # the client hung up: its rows are free from the next step on
+                if seq.row is not None:
+                    batch.remove(seq)
+            self.stats["cancelled"] += 1
+            return self._leave(job, running)
+        if job.stream and job.deltas and (finished or now - job.tick >= TICK):
+            job.events.put(("delta", job.deltas))
+            job.deltas = []
+        if now - job.tick >= TICK:
+            job.tick = now
+        if finished:
+            self.stats["served"] += 1
+            self.stats["tokens"] += sum(t.tokens for t in job.texts)
+            self.seconds = 0.9 * self.seconds + 0.1 * (now - job.started)
+            job.events.put(("done", [{"text": t.text, "finish_reason": t.finish_reason, "tokens": t.tokens}
+                                     for t in job.texts]))
+            self._leave(job, running)
+
+    def _leave(self, job, running):
+        running.remove(job)
+        self.last_tokens = max(t.tokens for t in job.texts)
+
+    def _fail(self, running, err):
+        for job in running:
+            job.events.put(("error", err))
+        running.clear()
 
 
 # --- http ---
+# HTTP/1.1, so a connection carries one request after another (keep-alive), and every answer says where it ends:
+# a Content-Length, or for a stream the chunked encoding, whose zero-length last chunk is the end. Under HTTP/1.0 a
+# stream ended when the connection closed, so a server killed mid-answer left the client with an answer that
+# looked complete; a chunked stream cut short is an error in every client (the openai client's APIConnectionError).
+#
+# Who may ask. Bound to loopback without a key, the server still gets requests from every web page the user's
+# browser opens: a cross-origin POST with a text/plain body needs no CORS preflight, so a page could run
+# generations, and a page whose host name is re-pointed at 127.0.0.1 (DNS rebinding) could read the answers too.
+# The first carries an Origin header that is not this server's, the second a Host that is not a loopback name.
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")  # as they appear in a Host header, before the port
+
+
+class RequestReader(io.RawIOBase):
+    """A connection's incoming bytes under one deadline for the whole request. The socket's timeout bounds each
+    read alone, so a client that sends a byte a minute could hold its thread forever (slowloris); here no read
+    waits past the deadline, which the handler sets as each request begins."""
+
+    def __init__(self, sock, timeout):
+        self.sock, self.timeout, self.deadline = sock, timeout, 0.0
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the request did not arrive in time")
+        self.sock.settimeout(min(left, self.timeout))
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.timeout)  # what the writes of the answer wait at most
+
 
 class Handler(BaseHTTPRequestHandler):
-    """One connection. HTTP/1.0 (the base class's default): each response closes its connection, so a stream
-    of events needs no Content-Length and no chunked encoding."""
+    """One connection: its requests, one after another, each answered in full before the next is read."""
 
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # before the request line is parsed; http.server's 0.9 sends no status line
     server_version = "forge-serve"
-    timeout = 60  # seconds a silent client may hold its thread (reading the request, or a stalled stream)
+    timeout = 60  # seconds one read or write may wait (a client that stops reading its stream)
 
     # --- plumbing ---
+
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # replaced by one that keeps each request under its deadline
+        self.reader = RequestReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle_one_request(self):
+        self.reader.deadline = time.monotonic() + self.server.cfg.request_timeout  # the wait for it included
+        self.body_read = False
+        super().handle_one_request()
+
+    def parse_request(self):
+        try:
+            return super().parse_request()
+        except TimeoutError:  # the headers trickled in too slowly
+            self.send_error(408, f"the request's headers did not arrive within {self.server.cfg.request_timeout} s")
+            return False
 
     def log_message(self, format, *args):
         if self.server.cfg.log_requests:
             super().log_message(format, *args)
 
     def send_error(self, code, message=None, explain=None):
-        """http.server's own errors (a malformed request line, an unknown method) as OpenAI bodies too."""
-        self._send_json(code, APIError(code, message or self.responses.get(code, ("error",))[0]).body())
+        """http.server's own errors (a malformed request, an unknown method, headers too long) as OpenAI bodies
+        too. What follows a request that was not understood cannot be trusted to be a request: close."""
+        self._send_json(code, APIError(code, message or self.responses.get(code, ("error",))[0]).body(), close=True)
 
-    def _send_json(self, status, obj, headers=()):
-        body = json.dumps(obj).encode()
+    def _send(self, status, body=b"", content_type="application/json", headers=(), close=False):
+        """A whole answer, its Content-Length saying where it ends; for HEAD the headers alone. The connection
+        closes after it when the request's body is still unread and cannot be read away."""
+        close = close or not self._body_done()
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        if body:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         if status >= 500:
             self.send_header("x-should-retry", "false")
         for key, value in headers:
             self.send_header(key, value)
+        if close:
+            self.send_header("Connection", "close")
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status, obj, headers=(), close=False):
+        self._send(status, json.dumps(obj).encode(), headers=headers, close=close)
 
     def _send_error(self, err):
-        headers = [("Retry-After", "1")] if err.status == 429 else []
+        headers = []
+        if err.status == 429:
+            headers.append(("Retry-After", str(err.retry_after or 1)))
+        if err.status == 405:
+            headers.append(("Allow", ", ".join(self._allowed(self.path.split("?", 1)[0]))))
         self._send_json(err.status, err.body(), headers)
 
+    def _body_done(self):
+        """Whether the request's body is out of the way, reading away one that was not used: left unread it would
+        be taken for the next request, and closing a socket on unread bytes resets it under our answer."""
+        if self.body_read:
+            return True
+        length = self.headers.get("Content-Length", "0")
+        if "Transfer-Encoding" in self.headers or not (length.isascii() and length.isdigit()) \
+                or int(length) > 16 * self.server.cfg.max_body_bytes:
+            return False
+        left = int(length)
+        try:
+            while left and (piece := self.rfile.read(min(left, 1 << 16))):
+                left -= len(piece)
+        except OSError:  # the deadline passed, or the client reset
+            return False
+        return left == 0
+
     def _read_body(self):
-        """The request body as JSON (an object), or APIError 411, 413 or 400."""
-        length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
+        """The request body as JSON (an object), or APIError 411, 413, 408 or 400."""
+        length, limit = self.headers.get("Content-Length"), self.server.cfg.max_body_bytes
+        if length is None or "Transfer-Encoding" in self.headers:
             raise APIError(411, "send the body with a Content-Length header", "length_required")
-        n, limit = int(length), self.server.cfg.max_body_bytes
-        if n > limit:
-            if n <= 16 * limit:  # read it away, so the client is reading our answer, not a reset connection
-                self.rfile.read(n)
-            raise APIError(413, f"the request body is {n} bytes; the limit is {limit}", "request_too_large")
-        raw = self.rfile.read(n)
+        if not (length.isascii() and length.isdigit()):  # str.isdigit() alone passes '²', which int() refuses
+            raise bad(f"Content-Length must be a number of bytes; got {length[:20]!r}", code="invalid_content_length")
+        if int(length) > limit:
+            raise APIError(413, f"the request body is {length} bytes; the limit is {limit}", "request_too_large")
+        try:
+            raw = self.rfile.read(int(length))
+        except TimeoutError:
+            raise APIError(408, f"the request body did not arrive within {self.server.cfg.request_timeout} s",
+                           "request_timeout") from None
+        self.body_read = True
         try:
             body = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
@@ -483,57 +661,101 @@ class Handler(BaseHTTPRequestHandler):
 
     def _check_key(self):
         key = self.server.cfg.api_key
-        given = self.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if key is not None and not hmac.compare_digest(given.encode(), key.encode()):  # constant time
+        scheme, _, given = self.headers.get("Authorization", "").strip().partition(" ")
+        if key is not None and not (scheme.lower() == "bearer"  # the scheme's case does not matter (RFC 9110)
+                                    and hmac.compare_digest(given.strip().encode(), key.encode())):  # constant time
             raise APIError(401, "incorrect or missing API key: send the header Authorization: Bearer KEY",
                            "invalid_api_key")
+
+    def _check_origin(self):
+        """Bound to loopback: only this machine's names in Host, and no Origin but this server's own (see above)."""
+        if self.server.cfg.host not in LOCAL_HOSTS:
+            return
+        host = self.headers.get("Host", "").lower()
+        name = host.rpartition("]")[0] + "]" if host.startswith("[") else host.partition(":")[0]
+        if host and name not in LOOPBACK_NAMES:
+            raise APIError(403, f"Host {host!r} is not this machine: a server on {self.server.cfg.host} answers "
+                                f"{', '.join(LOOPBACK_NAMES)} only", "host_not_allowed")
+        origin = self.headers.get("Origin")
+        if origin is not None and origin.lower() != f"http://{host}":
+            raise APIError(403, f"requests from the web page at {origin!r} are refused: only this server's own "
+                                f"page may call it", "origin_not_allowed")
+
+    def _allowed(self, path):
+        """The methods path answers to; () for no such path."""
+        if path in ("/v1/chat/completions", "/v1/completions"):
+            return ("POST", "OPTIONS")
+        if path in ("/", "/index.html", "/health", "/v1/models", f"/v1/models/{self.server.engine.model_id}"):
+            return ("GET", "HEAD", "OPTIONS")
+        return ()
+
+    def _route(self):
+        """The request's path once it may be answered, checked in this order: who asks (403), the key on every
+        /v1 path before anything else about the request is looked at (401), the path (404), the method (405)."""
+        path = self.path.split("?", 1)[0]
+        self._check_origin()
+        if path == "/v1" or path.startswith("/v1/"):
+            self._check_key()
+        allowed = self._allowed(path)
+        if not allowed:
+            raise APIError(404, f"no route {self.command} {path}: the API is GET /v1/models, POST "
+                                f"/v1/chat/completions and POST /v1/completions", "not_found")
+        if self.command not in allowed:
+            raise APIError(405, f"{path} takes {', '.join(allowed)}, not {self.command}", "method_not_allowed")
+        return path
 
     # --- routes ---
 
     def do_GET(self):
         engine = self.server.engine
-        path = self.path.split("?", 1)[0]
         try:
+            path = self._route()
             if path in ("/", "/index.html"):
-                page = self.server.page
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(page)))
-                self.end_headers()
-                self.wfile.write(page)
+                self._send(200, self.server.page, "text/html; charset=utf-8")
             elif path == "/health":
                 self._send_json(200, {"status": "ok", "model": engine.model_id, "queued": engine.jobs.qsize(),
                                       **engine.stats})
-            elif path in ("/v1/models", f"/v1/models/{engine.model_id}"):
-                self._check_key()
+            else:
                 card = {"id": engine.model_id, "object": "model", "created": self.server.created,
                         "owned_by": "forge", "context_length": engine.block_size}
                 self._send_json(200, card if path != "/v1/models" else {"object": "list", "data": [card]})
-            elif path in ("/v1/chat/completions", "/v1/completions"):
-                raise APIError(405, f"{path} takes POST", "method_not_allowed")
-            else:
-                raise APIError(404, f"no route GET {path}: the API is under /v1 (GET /v1/models)", "not_found")
         except APIError as e:
             self._send_error(e)
 
+    do_HEAD = do_GET  # the same status and headers; _send writes no body for HEAD
+
     def do_POST(self):
-        path = self.path.split("?", 1)[0]
         routes = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
         try:
+            path = self._route()
             body = self._read_body()
-            if path not in routes:
-                raise APIError(404, f"no route POST {path}: use /v1/chat/completions or /v1/completions",
-                               "not_found")
-            self._check_key()
             engine = self.server.engine
             job = parse_job(routes[path], body, engine.tokenizer, engine.block_size, self.server.cfg,
                             engine.model_id)
             job.conn = self.connection
             engine.submit(job)
+        except RecursionError:  # JSON nested past Python's recursion limit, in json.loads or in quoting a field
+            self._send_error(bad("the body's JSON is nested too deeply", code="invalid_json"))
+            return
         except APIError as e:
             self._send_error(e)
             return
-        (self._stream if job.stream else self._answer)(job)
+        with self.server.answering():
+            (self._stream if job.stream else self._answer)(job)
+
+    def do_OPTIONS(self):
+        try:
+            self._send(200, headers=[("Allow", ", ".join(self._allowed(self._route())))])
+        except APIError as e:
+            self._send_error(e)
+
+    def do_PUT(self):  # no path takes PUT, DELETE or PATCH: _route answers 405 with the methods it takes, or 404
+        try:
+            self._route()
+        except APIError as e:
+            self._send_error(e)
+
+    do_DELETE = do_PATCH = do_PUT
 
     # --- answers ---
 
@@ -591,17 +813,25 @@ class Handler(BaseHTTPRequestHandler):
         """Server-Sent Events: a first chunk per choice (the assistant's role), content chunks, a chunk with each
         choice's finish_reason, the usage chunk when stream_options.include_usage asks, then data: [DONE]. Once
         the 200 has gone out an error can only travel in the stream: data: {"error": {...}}, which the official
-        client raises as an APIError."""
+        client raises as an APIError. Each write is one chunk, and the zero-length chunk ends a finished stream
+        only; an HTTP/1.0 client gets the events unframed, ended by the connection's close."""
+        chunked = self.request_version >= "HTTP/1.1"
+
+        def write(data):
+            if data:  # (an empty chunk would be the end)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data) if chunked else data)
+
         try:
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Cache-Control", "no-cache")
             self.send_header("X-Accel-Buffering", "no")  # a reverse proxy (nginx) must not hold events back
+            self.send_header(*(("Transfer-Encoding", "chunked") if chunked else ("Connection", "close")))
             self.end_headers()
             if job.kind == "chat":
-                self.wfile.write(b"".join(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                              "logprobs": None, "finish_reason": None}])
-                                          for i in range(job.n)))
+                write(b"".join(self._chunk(job, [{"index": i, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None}]) for i in range(job.n)))
+            ended = False
             for batch in self._events(job):
                 out = []
                 for kind, payload in batch:
@@ -622,22 +852,48 @@ class Handler(BaseHTTPRequestHandler):
                         if job.include_usage:
                             out.append(self._chunk(job, [], usage=usage(len(job.prompt),
                                                                         sum(r["tokens"] for r in payload))))
-                if batch[-1][0] in ("done", "error"):
+                ended = batch[-1][0] in ("done", "error")
+                if ended:
                     out.append(sse(b"[DONE]"))
-                self.wfile.write(b"".join(out))
+                write(b"".join(out))
+            if not ended:  # the client left while its request waited
+                self.close_connection = True
+            elif chunked:
+                self.wfile.write(b"0\r\n\r\n")
         except (BrokenPipeError, ConnectionResetError, socket.timeout):  # the client left: stop its generation
             job.cancelled.set()
+            self.close_connection = True
 
 
 class Server(ThreadingHTTPServer):
     daemon_threads = True  # a connection's thread never keeps the process alive
     allow_reuse_address = True
+    # Connections the kernel completes before they are accepted. socketserver's 5 drops the SYNs of a burst
+    # beyond it, and a client resends a dropped SYN after 1 s: 64 clients at once waited a second to connect.
+    request_queue_size = 128
 
     def __init__(self, engine, cfg):
         self.engine, self.cfg, self.created = engine, cfg, int(time.time())
+        self.in_flight, self.idle = 0, threading.Condition()  # answers being written; a shutdown waits for them
         with open(PAGE, "rb") as f:
             self.page = f.read()
         super().__init__((cfg.host, cfg.port), Handler)
+
+    @contextmanager
+    def answering(self):
+        with self.idle:
+            self.in_flight += 1
+        try:
+            yield
+        finally:
+            with self.idle:
+                self.in_flight -= 1
+                self.idle.notify_all()
+
+    def drain(self, timeout):
+        """Wait up to timeout seconds for the answers being written to be written."""
+        with self.idle:
+            self.idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
 # --- export: a Hugging Face folder ---
@@ -911,15 +1167,17 @@ def startup_warnings(ckpt_path, chat, cfg):
 
 
 def serve(path, cfg):
-    if cfg.max_queue < 1 or cfg.max_n < 1 or cfg.max_body_bytes < 1:
-        raise ServeError("--max-queue, --max-n and --max-body-bytes must each be at least 1")
+    if min(cfg.max_queue, cfg.max_n, cfg.max_body_bytes, cfg.max_batch) < 1:
+        raise ServeError("--max-queue, --max-n, --max-body-bytes and --max-batch must each be at least 1")
+    if cfg.request_timeout <= 0:
+        raise ServeError(f"--request-timeout must be above 0 seconds; got {cfg.request_timeout}")
     rt = train.setup_runtime(cfg.device, cfg.dtype, cfg.threads)
     model, tokenizer, ckpt_path, chat = load(path, cfg.data_dir)
     model.to(rt.device).eval()
     model_id = cfg.model_name or os.path.basename(os.path.dirname(os.path.abspath(ckpt_path)))
     for line in startup_warnings(ckpt_path, chat, cfg):
         print(line, file=sys.stderr)
-    engine = Engine(model, tokenizer, model_id, cfg.max_queue, rt.autocast)
+    engine = Engine(model, tokenizer, model_id, cfg.max_queue, rt.autocast, cfg.max_batch, cfg.max_n)
     try:
         httpd = Server(engine, cfg)
     except OSError as e:
@@ -927,6 +1185,10 @@ def serve(path, cfg):
     host, port = httpd.server_address[:2]
     print(f"serving {model_id} ({model.num_params():,} parameters, context {model.config.block_size}) from "
           f"{ckpt_path} on http://{host}:{port} (chat page at /, API at /v1)", flush=True)
+    # SIGTERM (kill, docker stop, systemd) ends the server as Ctrl-C does: no new connections, the generations in
+    # flight finish (or end with an error at engine.close's deadline), their answers are written, exit status 0.
+    # The handler runs on this thread, inside serve_forever, and shutdown() waits for that to return: a thread.
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(target=httpd.shutdown).start())
     try:
         httpd.serve_forever()
     except KeyboardInterrupt:
@@ -934,6 +1196,7 @@ def serve(path, cfg):
     finally:
         httpd.server_close()
         engine.close()
+        httpd.drain(timeout=5)
 
 
 def export(path, out_dir, data_dir=None):

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import PEAK_BF16_FLOPS, GPT, DecodeBatch, GPTConfig, KVCache, PRESETS, config_from_preset, filter_logits, peak_flops
+from model import PEAK_BF16_FLOPS, GPT, DecodeBatch, GPTConfig, KVCache, draw, PRESETS, config_from_preset, filter_logits, peak_flops
 from model import sample_next
 
 # Small configs that together touch every switch: positions, norms, MLPs, GQA/MQA, QK-norm, soft-capping.
@@ -178,6 +178,17 @@ def test_stop_tokens_pad_each_finished_row_while_the_others_go_on():
         ends.append(end if len(hits) else None)
     # it ran until every row stopped, or to the end when some row never did
     assert stopped.shape[1] == 2 + (12 if None in ends else max(ends))
+
+
+def test_draw_follows_the_probabilities_and_never_draws_a_zero():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).repeat(2, 1)
+    edge = draw(probs, torch.tensor([[0.0], [1.0 - 1e-7]]))
+    assert edge.tolist() == [[1], [4]]  # the first and the last token of non-zero probability
+    u = torch.rand(200_000, 1, generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draw(probs[:1].expand(len(u), -1), u).view(-1), minlength=6) / len(u)
+    torch.testing.assert_close(counts, probs[0], atol=5e-3, rtol=0)  # ~4 standard errors at this many draws
+    unnormalised = draw(torch.tensor([[2.0, 0.0, 6.0]]).expand(len(u), -1), u).view(-1)
+    assert abs((unnormalised == 2).float().mean().item() - 0.75) < 5e-3 and not (unnormalised == 1).any()
 
 
 def test_generate_with_a_tiny_top_p_is_greedy():

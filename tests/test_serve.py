@@ -116,9 +116,9 @@ def test_n_choices_follow_the_seed(chat):
     assert [c.index for c in a.choices] == [0, 1, 2]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     tok = chat["tok"]
-    rows = chat["model"].generate([sft.render_prompt(messages, tok)] * 3, 12, temperature=1.0, seed=7,
-                                  stop_tokens=sorted(tok.special_ids.values()))
-    assert [c.message.content for c in a.choices] == [tok.decode([t for t in r if t < tok.eot_id]) for r in rows]
+    # Choice j draws from its own generator, seeded seed + j: it is what the prompt gives alone with seed 7 + j.
+    alone = [expected(chat, messages, 12, temperature=1.0, seed=7 + j) for j in range(3)]
+    assert [c.message.content for c in a.choices] == alone
     streamed = ["", "", ""]
     for c in chat["client"].chat.completions.create(**kw, stream=True):
         for ch in c.choices:
@@ -174,6 +174,90 @@ def test_sixteen_concurrent_streams_each_get_their_own_answer(chat):
     assert got == want
 
 
+
+def test_batched_streams_joining_and_leaving_get_their_single_client_answers(chat):
+    """Continuous batching: greedy streams of mixed prompt lengths, a second wave arriving while the first is
+    being decoded, and a long stream cancelled mid-answer, all in one batch; each answer is the one alone."""
+    engine, tok = chat["engine"], chat["tok"]
+    prompts = [prompt_of(tok, kind, i) for kind in ("copy", "reverse", "sort") for i in range(4)]
+    assert len({len(sft.render_prompt(p, tok)) for p in prompts}) > 3  # mixed lengths
+    want = [expected(chat, p, 20, temperature=0) for p in prompts]
+    before = dict(engine.stats)
+    engine.stats["peak_active"] = 0
+    got, errors, first_wave_streaming = [None] * len(prompts), [], threading.Event()
+
+    def client(i):
+        try:
+            text = ""
+            for c in chat["client"].chat.completions.create(model="tiny-chat", messages=prompts[i], temperature=0,
+                                                            max_tokens=20, stream=True):
+                text += (c.choices[0].delta.content or "") if c.choices else ""
+                if text:
+                    first_wave_streaming.set()
+            got[i] = text
+        except Exception as e:  # reported below, not lost in the thread
+            errors.append(e)
+
+    room = engine.block_size - len(sft.render_prompt(prompts[0], tok))  # the longest answer the context allows
+    long_body = json.dumps({"model": "tiny-chat", "messages": prompts[0], "max_tokens": room, "ignore_eos": True,
+                            "stream": True})
+    long = socket.create_connection(("127.0.0.1", chat["port"]), timeout=TIMEOUT)
+    long.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(long_body)}\r\n\r\n{long_body}".encode())
+    first = [threading.Thread(target=client, args=(i,)) for i in range(0, len(prompts), 2)]
+    second = [threading.Thread(target=client, args=(i,)) for i in range(1, len(prompts), 2)]
+    for t in first:
+        t.start()
+    assert first_wave_streaming.wait(TIMEOUT)
+    for t in second:  # these join a batch that is already decoding
+        t.start()
+    assert long.recv(4096).startswith(b"HTTP/1.1 200")  # it has started; it ends after `room` tokens
+    long.close()  # hangs up mid-answer: its row leaves the batch
+    for t in first + second:
+        t.join(timeout=TIMEOUT)
+    assert not errors and not any(t.is_alive() for t in first + second)
+    assert got == want
+    deadline = time.time() + 10
+    while engine.stats["busy"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.stats["cancelled"] == before["cancelled"] + 1 and engine.stats["active"] == 0
+    assert engine.stats["peak_active"] > 2  # the answers really were decoded together
+
+
+def test_close_finishes_the_running_answers_and_refuses_the_waiting(pretrained):
+    tokenizer = sft.with_chat_tokens(data.load_tokenizer(pretrained["data_dir"]))
+    torch.manual_seed(0)  # a long context, so that an answer outlasts the test's steps
+    model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=4096, n_layer=2, n_head=2, n_embd=32))
+
+    def jobs(engine, max_tokens, k=3):
+        body = {"messages": [{"role": "user", "content": "go"}], "max_tokens": max_tokens, "ignore_eos": True}
+        out = [serve.parse_job("chat", body, tokenizer, 4096, serve.ServeConfig(), "m") for _ in range(k)]
+        for job in out:
+            engine.submit(job)
+        deadline = time.time() + TIMEOUT
+        while engine.stats["active"] < 2 and time.time() < deadline:  # two run, the third waits for a row
+            time.sleep(0.001)
+        return out
+
+    engine = serve.Engine(model, tokenizer, "m", max_batch=2)
+    running = jobs(engine, 300)
+    engine.close(timeout=TIMEOUT)  # the two running answers finish; the waiting one is refused
+    results = [job.events.get(timeout=TIMEOUT) for job in running]
+    assert [kind for kind, _ in results] == ["done", "done", "error"]
+    assert all(r["tokens"] == 300 and r["finish_reason"] == "length" for _, rows in results[:2] for r in rows)
+    assert results[2][1].status == 503
+    with pytest.raises(serve.APIError) as e:
+        engine.submit(running[0])
+    assert e.value.status == 503
+
+    engine = serve.Engine(model, tokenizer, "m", max_batch=2)
+    cut = jobs(engine, 4000)
+    t0 = time.time()
+    engine.close(timeout=0.2)  # past the deadline the running answers end with an error, never as complete
+    assert time.time() - t0 < 5
+    assert [job.events.get(timeout=TIMEOUT)[0] for job in cut] == ["error"] * 3
+
+
 def test_page_is_served_and_calls_the_chat_endpoint(chat):
     conn = http.client.HTTPConnection("127.0.0.1", chat["port"], timeout=TIMEOUT)
     conn.request("GET", "/")
@@ -213,7 +297,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(chat):
     assert raw(port, "POST", "/v1/nothing", {})[0] == 404
     assert raw(port, "GET", "/v1/chat/completions")[0] == 405
     status, headers, err = raw(port, "PUT", "/v1/models")
-    assert status == 501 and headers.get("x-should-retry") == "false" and err["error"]["type"] == "server_error"
+    assert status == 405 and headers.get("Allow") == "GET, HEAD, OPTIONS"
+    assert err["error"]["type"] == "invalid_request_error"
     for prompt, status in [("hi", 200), ("y " * 300, 400), ([999999], 400)]:
         assert raw(port, "POST", "/v1/completions", {"prompt": prompt, "max_tokens": 4})[0] == status
     with pytest.raises(openai.NotFoundError):
@@ -252,16 +337,14 @@ def test_base_checkpoint_warns_and_completions_work(pretrained):
         engine.close()
 
 
-class Broken:
-    """A model whose generation fails: the server must answer 500 (once, never retried) or an in-stream error."""
+class Broken(GPT):
+    """A model whose forward fails: the server must answer 500 (once, never retried) or an in-stream error."""
 
     def __init__(self):
-        self.config, self.calls = GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=1, n_embd=8), 0
+        super().__init__(GPTConfig(block_size=64, vocab_size=512, n_layer=1, n_head=1, n_embd=8))
+        self.calls = 0
 
-    def eval(self):
-        return self
-
-    def generate(self, *args, **kwargs):
+    def forward(self, *args, **kwargs):
         self.calls += 1
         raise RuntimeError("out of memory (pretend)")
 
@@ -291,7 +374,7 @@ def test_hang_up_stops_generation_and_a_full_queue_answers_429(pretrained):
     tokenizer = sft.with_chat_tokens(data.load_tokenizer(pretrained["data_dir"]))
     torch.manual_seed(0)  # a long context so one generation outlasts the test's steps
     model = GPT(GPTConfig(vocab_size=tokenizer.vocab_size, block_size=4096, n_layer=2, n_head=2, n_embd=32))
-    engine = serve.Engine(model, tokenizer, "long", max_queue=1)
+    engine = serve.Engine(model, tokenizer, "long", max_queue=1, max_batch=1)  # one row: b must wait
     httpd, url = start(engine)
     port = httpd.server_address[1]
     body = {"model": "long", "messages": [{"role": "user", "content": "go"}], "max_tokens": 4000,
@@ -313,6 +396,8 @@ def test_hang_up_stops_generation_and_a_full_queue_answers_429(pretrained):
             time.sleep(0.01)
         status, headers, err = raw(port, "POST", "/v1/chat/completions", {**body, "stream": False})
         assert status == 429 and headers.get("Retry-After") == "1" and err["error"]["code"] == "queue_full"
+        engine.seconds = 7.2  # requests have been taking 7.2 s each: one waiting, one row -> come back in 8 s
+        assert raw(port, "POST", "/v1/chat/completions", {**body, "stream": False})[1].get("Retry-After") == "8"
         b.close()  # hangs up while waiting: never generated
         a.close()  # hangs up mid-stream
         deadline = time.time() + 10
@@ -491,3 +576,212 @@ def test_export_refuses_what_has_no_counterpart_naming_the_field(overrides, name
     config = GPTConfig(**{**dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16), **overrides})
     with pytest.raises(serve.ExportError, match=f"GPTConfig.{name}="):
         serve.hf_architecture(config)
+
+
+# --- faults a load and fault test found (issue 19) ---
+
+def exchange(port, request, timeout=5):
+    """Raw bytes to the server, for what no client sends; -> all it answers until it closes (or timeout s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(request)
+        answer = b""
+        try:
+            while part := s.recv(65536):
+                answer += part
+        except (socket.timeout, ConnectionResetError):
+            pass
+        return answer
+
+
+def test_a_burst_of_connections_waits_in_the_listen_queue(chat):
+    # A server that accepts nothing, as when a burst arrives faster than accept() runs: the kernel holds them all.
+    httpd = serve.Server(chat["engine"], serve.ServeConfig(port=0, log_requests=False))
+    socks = []
+    try:
+        for _ in range(100):
+            try:
+                socks.append(socket.create_connection(("127.0.0.1", httpd.server_address[1]), timeout=0.5))
+            except TimeoutError:
+                pytest.fail(f"connect {len(socks) + 1} of 100 waited 0.5 s: the listen queue is too short")
+    finally:
+        for s in socks:
+            s.close()
+        httpd.server_close()
+
+
+class CutEngine:
+    """Streams half an answer and no more: the test then cuts the connection from the server's side, as a server
+    that is killed mid-answer does."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.model_id, self.block_size, self.job = tokenizer, "cut", 64, None
+
+    def submit(self, job):
+        self.job = job
+        job.events.put(("delta", [(0, "half an", None)]))
+
+
+def test_a_stream_cut_short_is_an_error_and_a_whole_one_keeps_the_connection(chat):
+    engine = CutEngine(chat["tok"])
+    httpd, url = start(engine)
+    try:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+        got = ""
+        with pytest.raises(openai.APIConnectionError):
+            for chunk in client.chat.completions.create(model="cut", messages=[{"role": "user", "content": "hi"}],
+                                                        stream=True):
+                got += chunk.choices[0].delta.content or ""
+                if got:
+                    engine.job.conn.shutdown(socket.SHUT_RDWR)  # the server dies mid-answer
+        assert got == "half an"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    # HTTP/1.1: a whole stream ends with the zero-length chunk, and the connection carries the next requests,
+    # an error's answer included.
+    conn = http.client.HTTPConnection("127.0.0.1", chat["port"], timeout=TIMEOUT)
+    body = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "stream": True}
+    conn.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    assert r.getheader("Transfer-Encoding") == "chunked" and r.read().endswith(b"data: [DONE]\n\n")
+    sock = conn.sock
+    for method, path, status in [("GET", "/nothing", 404), ("PUT", "/v1/models", 405), ("GET", "/health", 200)]:
+        conn.request(method, path, body=b"{}" if method == "PUT" else None)
+        r = conn.getresponse()
+        r.read()
+        assert r.status == status and conn.sock is sock, (method, path, r.status)
+    conn.close()
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(sft_checkpoint):
+    import re
+    import select
+    import signal
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.Popen([sys.executable, os.path.join(root, "serve.py"), sft_checkpoint["ckpt"], "--port", "0",
+                             "--no-log-requests"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert select.select([proc.stdout], [], [], 120)[0], "the server did not start within 120 s"
+        port = re.search(r"http://127\.0\.0\.1:(\d+)", proc.stdout.readline()).group(1)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=TIMEOUT)
+        stream = client.chat.completions.create(model=client.models.list().data[0].id, stream=True, max_tokens=24,
+                                                messages=[{"role": "user", "content": "reverse: abc"}])
+        chunks = [next(stream)]  # the answer has begun
+        proc.send_signal(signal.SIGTERM)
+        chunks += list(stream)  # and ends as answers end, not cut off
+        assert [c.choices[0].finish_reason for c in chunks if c.choices[0].finish_reason] in (["stop"], ["length"])
+        assert proc.wait(timeout=30) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_json_nested_past_the_recursion_limit_is_a_400(chat):
+    status, _, err = raw(chat["port"], "POST", "/v1/chat/completions", b"[" * 50_000)
+    assert status == 400 and err["error"]["code"] == "invalid_json"
+    for depth in range(900, 1000, 2):  # parsed, and then too deep to quote in the error that names the field
+        nested = b"[" * depth + b"]" * depth
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "temperature": %s}' % nested
+        status, _, err = raw(chat["port"], "POST", "/v1/chat/completions", body)
+        assert status == 400 and (err["error"]["code"] == "invalid_json" or err["error"]["param"] == "temperature")
+
+
+def test_a_temperature_near_zero_is_greedy(chat):
+    messages = prompt_of(chat["tok"])
+    r = chat["client"].chat.completions.create(model="tiny-chat", messages=messages, temperature=1e-40,
+                                               max_tokens=16)
+    assert r.choices[0].message.content == expected(chat, messages, 16, temperature=0)
+
+
+def test_content_length_takes_ascii_digits_only(chat):
+    answer = exchange(chat["port"], b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                                    b"Content-Length: \xb2\r\n\r\n{}")  # '²' passes str.isdigit()
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"invalid_content_length"' in answer, answer[:200]
+
+
+def test_the_key_is_checked_before_anything_else_on_every_v1_path(chat):
+    port = int(chat["keyed_url"].rsplit(":", 1)[1])
+    for method, path, body in [("POST", "/v1/chat/completions", b"{not json"), ("POST", "/v1/nothing", {}),
+                               ("GET", "/v1/nothing", None), ("GET", "/v1", None)]:
+        status, _, err = raw(port, method, path, body)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key", (method, path, status)
+    too_large = exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                               b"Content-Length: 1000000000\r\n\r\n")
+    assert too_large.startswith(b"HTTP/1.1 401 "), too_large[:80]
+    for given, status in [("bearer s3cret", 200), ("BEARER  s3cret", 200), ("s3cret", 401), ("Basic s3cret", 401),
+                          ("Bearer s3cre", 401)]:
+        assert raw(port, "GET", "/v1/models", headers={"Authorization": given})[0] == status, given
+
+
+def test_other_methods_get_405_with_allow_head_no_body_and_4xx_are_request_errors(chat):
+    port = chat["port"]
+    for method in ("PUT", "DELETE", "PATCH"):
+        status, headers, err = raw(port, method, "/v1/models")
+        assert status == 405 and headers["Allow"] == "GET, HEAD, OPTIONS", (method, status)
+        assert err["error"]["type"] == "invalid_request_error"
+    status, headers, _ = raw(port, "DELETE", "/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST, OPTIONS"
+    status, headers, body = raw(port, "OPTIONS", "/v1/chat/completions")
+    assert status == 200 and headers["Allow"] == "POST, OPTIONS" and body is None
+    with open(serve.PAGE, "rb") as f:
+        page = f.read()
+    status, headers, body = raw(port, "HEAD", "/")
+    assert status == 200 and headers["Content-Length"] == str(len(page)) and body is None
+    status, headers, body = raw(port, "HEAD", "/v1/completions")
+    assert status == 405 and headers["Allow"] == "POST, OPTIONS" and body is None
+    garbled = exchange(port, b"GARBAGE\r\n\r\n")
+    assert garbled.startswith(b"HTTP/1.1 400 ") and b'"invalid_request_error"' in garbled, garbled[:80]
+    headers_over = exchange(port, b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n")
+    assert headers_over.startswith(b"HTTP/1.1 431 ") and b'"invalid_request_error"' in headers_over
+
+
+def test_bound_to_loopback_it_answers_loopback_names_and_its_own_page_only(chat):
+    port = chat["port"]
+    for host in ("127.0.0.1", f"localhost:{port}", "[::1]:80", "LOCALHOST"):
+        assert raw(port, "GET", "/health", headers={"Host": host})[0] == 200, host
+    for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "[::2]:80"):
+        status, _, err = raw(port, "GET", "/health", headers={"Host": host})
+        assert status == 403 and err["error"]["code"] == "host_not_allowed", host
+    short = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    own = f"http://127.0.0.1:{port}"  # what the browser sends for the page at /
+    assert raw(port, "POST", "/v1/chat/completions", short, {"Origin": own})[0] == 200
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:1", f"https://127.0.0.1:{port}"):
+        status, _, err = raw(port, "POST", "/v1/chat/completions", json.dumps(short).encode(),
+                             {"Origin": origin, "Content-Type": "text/plain"})  # a form a foreign page sends
+        assert status == 403 and err["error"]["code"] == "origin_not_allowed", origin
+    httpd, _ = start(chat["engine"], host="0.0.0.0", api_key="k")  # reachable by any name: the key guards it
+    try:
+        answer = raw(httpd.server_address[1], "GET", "/v1/models",
+                     headers={"Host": "gpu-box:8000", "Authorization": "Bearer k"})
+        assert answer[0] == 200
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_a_request_must_arrive_whole_within_request_timeout(chat):
+    httpd, _ = start(chat["engine"], request_timeout=0.5)
+    port = httpd.server_address[1]
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.1) as s:  # headers, one byte per 0.1 s
+            s.sendall(b"GET /health HTTP/1.1\r\n")
+            began, answer = time.monotonic(), None
+            while answer is None and time.monotonic() - began < 5:
+                try:
+                    s.sendall(b"X")
+                    answer = s.recv(4096)  # an answer, or b"" once the server closes
+                except socket.timeout:
+                    continue
+                except OSError:  # reset by the server
+                    answer = b""
+            waited = time.monotonic() - began
+        assert waited < 3 and (answer == b"" or answer.startswith(b"HTTP/1.1 408 ")), (waited, answer)
+        short = exchange(port, b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"p',
+                         timeout=3)  # a body that stops short
+        assert short.startswith(b"HTTP/1.1 408 ") and b"Connection: close" in short, short[:80]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
