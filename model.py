@@ -250,8 +250,8 @@ class KVCache:
         """Store k, v (B, H_kv, T, D) after the cached ones; return all keys and values so far."""
         if self.lens is not None:  # each row's tokens go after that row's own slots
             index = self.slots[:, None, :, None].expand_as(k)  # (B, H_kv, T, D)
-            self.k[layer].scatter_(2, index, k)
-            self.v[layer].scatter_(2, index, v)
+            self.k[layer].scatter_(2, index, k.to(self.k.dtype))  # under autocast k is bf16, the cache is not
+            self.v[layer].scatter_(2, index, v.to(self.v.dtype))
             return self.k[layer, :, :, :self.end], self.v[layer, :, :, :self.end]
         end = self.pos + k.size(2)
         self.k[layer, :, :, self.pos:end] = k

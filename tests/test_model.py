@@ -749,6 +749,11 @@ def test_decode_batch_seeded_samples_do_not_depend_on_the_batch():
         crowded.step()
     assert a2.tokens == a.tokens
     assert a3.tokens != a2.tokens  # its own generator (seed 12), not a copy
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as serve.py runs on a GPU: bf16 keys into the cache
+        low = DecodeBatch(model, 2)
+        low.add([1, 2, 3], temperature=0)
+        low.step()
+    assert [len(s.tokens) for s in low.seqs] == [2]
     with pytest.raises(ValueError, match="2 of 6 rows are free"):
         crowded.add([1], n=3)
     with pytest.raises(ValueError, match="empty"):
