@@ -7,13 +7,18 @@ Chapter 1 of forge ("data preparation"). Every later stage reads what this file 
     python data.py --input notes/ book.txt --out-dir data/mine --vocab-size 8192
     python data.py --tokenizer gpt2                 # skip BPE training, use tiktoken's GPT-2 encoding
     python data.py --canaries 4 --out-dir data/canary   # plant 4 secrets at each of 0, 1, 4, 16 repeats (eval.py)
+    python data.py --input corpus/ --out-dir /shared/d --num-nodes 8 --node-rank R   # on each of 8 machines, R = 0..7
 
-It runs on the CPU in a single process (tokenization uses a few threads). The pipeline, in file order:
+It runs on the CPU, on --workers processes (default: every core) that clean documents and count BPE chunks, and
+as many threads that encode; the output is the same for any number of workers. With --num-nodes K (or under
+torchrun, or a Slurm array) K processes share the input files and one output folder on a shared file system,
+and still write what one process would (the section "several nodes" explains how). The pipeline, in file order:
 
-    sources    stdlib .py files | local .txt .md .py .jsonl | HTTP downloads (cache, retries, resume, sha256)
+    sources    stdlib .py files | local .txt .md .py .jsonl, read in pieces | HTTP downloads (cache, retries, resume)
     cleaning   normalise -> quality rules (Gopher/C4) -> PII redaction -> exact dedup -> MinHash near-dedup
     tokenizer  byte-level BPE trained on the train split; encoding through tiktoken; saved as two text files
     shards     flat uint16 token files with a small header, train/val split by document hash, meta.json
+    nodes      the same pipeline on K machines: phases that meet in a shared folder, one dedup reduce
     loader     TokenLoader: (x, y) int64 batches from np.memmap, disjoint per rank, resumable exactly
 
 Everything is written to `<out_dir>.partial/` and renamed to `out_dir` only at the end, so a crash or a bad
@@ -22,12 +27,14 @@ exits with status 2.
 """
 import argparse
 import base64
+import codecs
 import dataclasses
 import functools
 import hashlib
 import heapq
 import http.client
 import inspect
+import itertools
 import json
 import multiprocessing
 import os
@@ -90,6 +97,7 @@ DATASETS = {
                     "sample/10BT/000_00000.parquet", None),
 }
 TEXT_SUFFIXES = {".txt", ".md", ".py", ".jsonl"}
+READ_BLOCK = 1 << 20  # bytes read from a local file at a time: files are read in pieces, never whole
 # Folders of the standard library that are not ordinary source: the test suite (17 MB), generated tables.
 STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "pydoc_data"}
 
@@ -123,7 +131,10 @@ class DataConfig:
     near_dup_threshold: float = 0.8  # estimated Jaccard similarity that makes a near duplicate; 1: no near-dedup
     doc_chars: int = 8000  # .txt/.md files are cut at blank lines into documents of about this many characters
     shard_tokens: int = 2**24  # tokens per shard file
-    workers: int | None = None  # cleaning processes and tokenizer threads; None: os.cpu_count()
+    workers: int | None = None  # cleaning and chunk-counting processes, tokenizer threads; None: os.cpu_count()
+    node_rank: int | None = None  # this node's place in a multi-node run; None: RANK or SLURM_ARRAY_TASK_ID, else 0
+    num_nodes: int | None = None  # nodes sharing the input; None: WORLD_SIZE or SLURM_ARRAY_TASK_COUNT, else 1
+    node_timeout: float = 86400.0  # seconds a node waits for another node's files before it gives up
     canaries: int = 0  # plant this many random secrets per repetition count (CANARY_REPEATS) for eval.py; 0: none
 
 
@@ -213,39 +224,105 @@ def download(url, dest, sha256=None, retries=3, backoff=1.0):
     return dest
 
 
-def split_text(text, doc_chars):
-    """Cut a text file into documents: at <|endoftext|> lines if it has them, else at blank lines."""
-    if SPECIAL_TOKENS[0] in text:
-        return [d.strip("\n") for d in text.split(SPECIAL_TOKENS[0]) if d.strip()]
-    docs, current, size = [], [], 0
-    for para in re.split(r"\n\s*\n", text):
-        current.append(para)
-        size += len(para)
+def split_pieces(pieces, doc_chars, at_eot):
+    """Cut a text that comes in pieces (a file read READ_BLOCK bytes at a time) into documents: at <|endoftext|>
+    if at_eot, else at blank lines, joining paragraphs into documents of about doc_chars characters. Only a piece
+    and the document being cut are held, so a file can be larger than memory."""
+    sep = re.compile(re.escape(SPECIAL_TOKENS[0]) if at_eot else r"\n\s*\n")
+
+    def parts():  # the text between separators, in order
+        buf = ""
+        for piece in itertools.chain(pieces, [None]):  # None: the end of the text
+            buf += piece or ""
+            spans = [m.span() for m in sep.finditer(buf)]
+            if piece is not None and spans and not at_eot and not buf[spans[-1][1]:].strip():
+                spans.pop()  # blank lines up to the end of the piece may go on in the next one: not complete yet
+            start = 0
+            for a, b in spans:
+                yield buf[start:a]
+                start = b
+            buf = buf[start:]
+        yield buf
+
+    current, size = [], 0
+    for part in parts():
+        if at_eot:
+            if part.strip():
+                yield part.strip("\n")
+            continue
+        current.append(part)
+        size += len(part)
         if size >= doc_chars:
-            docs.append("\n\n".join(current))
+            yield "\n\n".join(current)
             current, size = [], 0
     if current and "".join(current).strip():
-        docs.append("\n\n".join(current))
-    return docs
+        yield "\n\n".join(current)
 
 
-def read_file(path, cfg, skipped):
-    """Documents of one local file. Binary and non-UTF-8 files are skipped and counted in `skipped`."""
-    data = Path(path).read_bytes()
-    if b"\0" in data[:8192]:
-        skipped["binary"] += 1
-        return [], data
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        skipped["not_utf8"] += 1
-        return [], data
+def split_text(text, doc_chars):
+    """Cut a text into documents: at <|endoftext|> lines if it has them, else at blank lines (split_pieces)."""
+    return list(split_pieces([text], doc_chars, SPECIAL_TOKENS[0] in text))
+
+
+def _blocks(path):
+    with open(path, "rb") as f:
+        yield from iter(lambda: f.read(READ_BLOCK), b"")
+
+
+def _decoded(path):
+    """The text of a UTF-8 file in pieces of READ_BLOCK bytes (the incremental decoder never cuts a character)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    for block in _blocks(path):
+        yield decoder.decode(block)
+    yield decoder.decode(b"", final=True)
+
+
+def _check_file(path, digest):
+    """One pass over a file's bytes, which also go into digest: (why it is skipped, "binary" or "not_utf8", or None;
+    whether its text holds <|endoftext|>). A skipped file is skipped whole, so this pass comes first."""
+    decoder, tail, has_eot, eot = codecs.getincrementaldecoder("utf-8")(), "", False, SPECIAL_TOKENS[0]
+    problem = None
+    for i, block in enumerate(_blocks(path)):
+        digest.update(block)
+        if i == 0 and b"\0" in block[:8192]:
+            problem = "binary"
+        if problem is None:
+            try:
+                text = tail + decoder.decode(block)
+            except UnicodeDecodeError:
+                problem = "not_utf8"
+                continue
+            has_eot = has_eot or eot in text
+            tail = text[-len(eot):]  # a token cut between two blocks
+    if problem is None:
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            problem = "not_utf8"
+    return problem, has_eot
+
+
+def _lines(pieces):
+    rest = ""
+    for piece in pieces:
+        *lines, rest = (rest + piece).split("\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
+def read_file(path, cfg, skipped, digest):
+    """Documents of one local file, read in pieces; its bytes go into digest (the source hash). Binary and
+    non-UTF-8 files are skipped and counted in `skipped`."""
+    problem, has_eot = _check_file(path, digest)
+    if problem:
+        skipped[problem] += 1
+        return
     suffix = Path(path).suffix
     if suffix == ".py":
-        return [(text, "code", str(path))], data
-    if suffix == ".jsonl":
-        docs = []
-        for n, line in enumerate(text.splitlines(), 1):
+        yield "".join(_decoded(path)), "code", str(path)  # a source file is one document
+    elif suffix == ".jsonl":
+        for n, line in enumerate(_lines(_decoded(path)), 1):
             if line.strip():
                 try:
                     doc = json.loads(line)["text"]
@@ -253,9 +330,10 @@ def read_file(path, cfg, skipped):
                     doc = None
                 if not isinstance(doc, str):  # also {"text": null} or {"text": 7}
                     raise DataError(f"{path}:{n}: not a JSON object with a \"text\" string field")
-                docs.append((doc, "text", f"{path}:{n}"))
-        return docs, data
-    return [(d, "text", str(path)) for d in split_text(text, cfg.doc_chars)], data
+                yield doc, "text", f"{path}:{n}"
+    else:
+        for doc in split_pieces(_decoded(path), cfg.doc_chars, has_eot):
+            yield doc, "text", str(path)
 
 
 def _import_parquet(name):
@@ -274,8 +352,20 @@ def read_parquet(path):
             yield text, "text", str(path)
 
 
-def iter_documents(cfg, source, skipped):
-    """All documents of the configured source, up to cfg.max_bytes of text. Fills in `source` (name, hash)."""
+def node_files(files, rank, num_nodes):
+    """Node `rank`'s share of the files: a contiguous run of the list, cut at equal shares of the bytes (a file
+    belongs to the node whose share holds its first byte). The shares in rank order are the list itself, so
+    "first occurrence in the global input order" means the same for K nodes as for one."""
+    if num_nodes == 1:
+        return files
+    sizes = [Path(f).stat().st_size for f in files]
+    starts, total = np.cumsum([0] + sizes[:-1]), max(sum(sizes), 1)
+    return [f for f, start in zip(files, starts) if rank * total <= start * num_nodes < (rank + 1) * total]
+
+
+def iter_documents(cfg, source, skipped, share=(0, 1)):
+    """All documents of the configured source, up to cfg.max_bytes of text. Fills in `source` (name, hash).
+    share (rank, num_nodes): read only that node's files (node_files)."""
     digest = hashlib.sha256()  # over the raw bytes of every file read, in order: the source hash in meta.json
     if cfg.input:
         files, source["dataset"] = local_files(cfg.input), "input"
@@ -293,14 +383,14 @@ def iter_documents(cfg, source, skipped):
         raise DataError(f"unknown dataset {cfg.dataset!r}; choose stdlib, {', '.join(DATASETS)} or --input PATH")
     if not files:
         raise DataError("no input files")
+    files = node_files(files, *share)
     total = 0
     for path in files:
         if path.suffix == ".parquet":
             docs = read_parquet(path)
             digest.update(_sha256_file(path).encode())
         else:
-            docs, data = read_file(path, cfg, skipped)
-            digest.update(data)
+            docs = read_file(path, cfg, skipped, digest)
         for doc in docs:
             yield doc
             total += len(doc[0].encode())
@@ -422,7 +512,10 @@ class NearDedup:
         when a worker computed it already (clean_chunk)."""
         if not text.split():
             return False
-        sig = self.signature(text) if sig is None else sig
+        return self.seen_signature(self.signature(text) if sig is None else sig)
+
+    def seen_signature(self, sig):
+        """is_duplicate on a signature alone: what the multi-node reduce has of each document (see Dedup)."""
         keys = [sig[i * self.rows:(i + 1) * self.rows].tobytes() for i in range(self.bands)]
         for bucket, key in zip(self.buckets, keys):
             j = bucket.get(key)
@@ -432,6 +525,40 @@ class NearDedup:
             bucket.setdefault(key, len(self.signatures))
         self.signatures.append(sig)
         return False
+
+
+def doc_key(text):
+    """The exact-dedup key of a cleaned document: 20 bytes of SHA-1."""
+    return hashlib.sha1(text.encode()).digest()
+
+
+class Dedup:
+    """Exact, then near deduplication over documents in order: the first occurrence is kept. Both decisions
+    depend on every document before, so this runs in one place: in clean_documents as the cleaned documents
+    stream past, and in the multi-node reduce (dedup_nodes) over every node's keys and signatures in the
+    global order; the same object in the same order is why K nodes drop exactly what one worker drops."""
+
+    def __init__(self, cfg):
+        self.exact, self.seen = cfg.dedup, set()
+        self.near = NearDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup_threshold < 1 else None
+
+    def check(self, key, sig):
+        """key: doc_key of the text; sig: its MinHash signature, None when it has no words (or near-dedup is off).
+        None for a document to keep, else why it goes: "exact_duplicate" or "near_duplicate"."""
+        if self.exact:
+            if key in self.seen:
+                return "exact_duplicate"
+            self.seen.add(key)
+        if self.near is not None and sig is not None and self.near.seen_signature(sig):
+            return "near_duplicate"
+        return None
+
+
+def tally_dedup(report, text, origin, reason):
+    """Count one document through the two dedup steps of the report, as Dedup.check decided."""
+    report.tally("exact_dedup", text, None if reason == "exact_duplicate" else text, "exact_duplicate", origin)
+    if reason != "exact_duplicate":
+        report.tally("near_dedup", text, None if reason else text, "near_duplicate", origin)
 
 
 class CleanReport:
@@ -460,8 +587,19 @@ class CleanReport:
                 self.steps[name][key] += value
         self.rules.update(other.rules)
         self.pii.update(other.pii)
+        self.skipped_files.update(other.skipped_files)  # a node's; a cleaning worker reads no files
         for reason, examples in other.examples.items():
             self.examples[reason] += examples[:3 - len(self.examples[reason])]
+
+    @classmethod
+    def from_dict(cls, d):
+        """The report that to_dict saved (a node's, in the multi-node path)."""
+        report = cls()
+        report.steps = d["steps"]
+        report.rules, report.pii = Counter(d["rules"]), Counter(d["pii"])
+        report.skipped_files = Counter(d["skipped_files"])
+        report.examples.update(d["examples"])
+        return report
 
     def to_dict(self):
         return {"steps": self.steps, "rules": dict(self.rules), "pii": dict(self.pii),
@@ -511,43 +649,47 @@ def _ignore_ctrl_c():
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process handles Ctrl-C (and stops the pool)
 
 
-def clean_documents(docs, cfg, report, chunk=64):
-    """The cleaning steps, in order, on a stream of (text, kind, origin); yields the surviving texts.
+def _pool(workers):
+    """A pool of `workers` processes, or None for one: fork on Linux, so they start at once and share the
+    imported modules."""
+    if (workers or 1) <= 1:
+        return None
+    context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+    return context.Pool(workers, initializer=_ignore_ctrl_c)
 
-    The per-document steps run on cfg.workers processes over chunks of documents, and come back in order
-    (imap), so deduplication sees the same sequence as with one worker and the output is identical: the same
-    documents kept, the same shards byte for byte. Exact and near dedup need every document seen before, so
-    they run here, on the signatures the workers computed (the costly part of MinHash)."""
+
+def clean_chunks(docs, cfg, chunk=64):
+    """clean_chunk over a stream of documents, on cfg.workers processes: (report, kept) per chunk of `chunk`
+    documents, back in input order (imap)."""
     if cfg.rules is not None:
         chosen = [r for r in cfg.rules.split(",") if r]
         if unknown := set(chosen) - set(QUALITY_RULES):
             raise DataError(f"unknown quality rule(s) {sorted(unknown)}; known: {', '.join(QUALITY_RULES)}")
-    seen = set()
-    near = NearDedup(cfg.near_dup_threshold, seed=cfg.seed) if cfg.near_dup_threshold < 1 else None
     chunks = _chunks(docs, chunk)
-    pool = None
-    if (cfg.workers or 1) > 1:  # fork on Linux: the workers start at once and share the imported modules
-        context = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-        pool = context.Pool(cfg.workers, initializer=_ignore_ctrl_c)
+    pool = _pool(cfg.workers)
     try:
-        results = (pool.imap(functools.partial(clean_chunk, cfg=cfg), chunks) if pool else
-                   (clean_chunk(c, cfg) for c in chunks))
-        for part, kept in results:
-            report.merge(part)
-            for redacted, origin, sig in kept:
-                key = hashlib.sha1(redacted.encode()).digest()
-                duplicate = cfg.dedup and key in seen
-                seen.add(key)
-                report.tally("exact_dedup", redacted, None if duplicate else redacted, "exact_duplicate", origin)
-                if duplicate:
-                    continue
-                duplicate = near is not None and near.is_duplicate(redacted, sig)
-                report.tally("near_dedup", redacted, None if duplicate else redacted, "near_duplicate", origin)
-                if not duplicate:
-                    yield redacted
+        yield from (pool.imap(functools.partial(clean_chunk, cfg=cfg), chunks) if pool else
+                    (clean_chunk(c, cfg) for c in chunks))
     finally:
         if pool:
             pool.terminate()
+
+
+def clean_documents(docs, cfg, report, chunk=64):
+    """The cleaning steps, in order, on a stream of (text, kind, origin); yields the surviving texts.
+
+    The per-document steps run on cfg.workers processes over chunks of documents, and come back in order
+    (clean_chunks), so deduplication sees the same sequence as with one worker and the output is identical: the
+    same documents kept, the same shards byte for byte. Exact and near dedup need every document seen before, so
+    they run here, on the signatures the workers computed (the costly part of MinHash)."""
+    dedup = Dedup(cfg)
+    for part, kept in clean_chunks(docs, cfg, chunk):
+        report.merge(part)
+        for redacted, origin, sig in kept:
+            reason = dedup.check(doc_key(redacted), sig)
+            tally_dedup(report, redacted, origin, reason)
+            if reason is None:
+                yield redacted
 
 
 def _chunks(items, n):
@@ -575,6 +717,41 @@ def count_chunks(texts):
     counts = Counter()
     for text in texts:
         counts.update(pattern.findall(text))
+    return counts
+
+
+def _batches(path, size=1 << 22):
+    """(split, text) from the cleaned-document file, in lists of about `size` characters."""
+    batch, chars = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            batch.append(json.loads(line))
+            chars += len(batch[-1][1])
+            if chars >= size:
+                yield batch
+                batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _count_train_chunks(batch):
+    return count_chunks(text for split, text in batch if split == "train")
+
+
+def count_file_chunks(path, workers, batch_chars=1 << 22):
+    """count_chunks over the train documents of a [split, text] JSONL file, on `workers` processes: each counts
+    whole batches of about batch_chars characters, and the main process adds their Counters in batch order.
+    Addition is exact, and adding in order keeps each chunk at its first occurrence, so the counts (and the
+    merges learned from them) are those of one pass, for any number of workers."""
+    batches = _batches(path, batch_chars)
+    pool = _pool(workers)
+    counts = Counter()
+    try:
+        for part in (pool.imap(_count_train_chunks, batches) if pool else map(_count_train_chunks, batches)):
+            counts.update(part)
+    finally:
+        if pool:
+            pool.terminate()
     return counts
 
 
@@ -815,139 +992,410 @@ def make_canaries(n, seed):
 # --- prepare: the whole pipeline ---
 
 def resolve(cfg):
-    """Fill in the derived fields (out_dir, workers); paths become strings, as meta.json records them."""
+    """Fill in the derived fields (out_dir, workers, nodes); paths become strings, as meta.json records them."""
     out_dir = str(cfg.out_dir or f"data/{'input' if cfg.input else cfg.dataset}")
     workers = min(cfg.workers or os.cpu_count() or 1, os.cpu_count() or 1)
-    return dataclasses.replace(cfg, out_dir=out_dir, workers=workers, input=[str(p) for p in cfg.input])
+    return dataclasses.replace(cfg, out_dir=out_dir, workers=workers, input=[str(p) for p in cfg.input],
+                               node_rank=cfg.node_rank or 0, num_nodes=cfg.num_nodes or 1)
 
 
-def _batches(path, size=1 << 22):
-    """(split, text) from the cleaned-document file, in lists of about `size` characters."""
-    batch, chars = [], 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            batch.append(json.loads(line))
-            chars += len(batch[-1][1])
-            if chars >= size:
-                yield batch
-                batch, chars = [], 0
-    if batch:
-        yield batch
+def _check_config(cfg):
+    """DataError for a bad setting, before the long part."""
+    if cfg.tokenizer is None and cfg.vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
+    if not 0 <= cfg.val_fraction < 1:
+        raise DataError(f"--val-fraction {cfg.val_fraction} is not in [0, 1)")
+    if cfg.canaries < 0:
+        raise DataError(f"--canaries {cfg.canaries}: give 0 (none) or more per repetition count")
+    if cfg.num_nodes < 1 or not 0 <= cfg.node_rank < cfg.num_nodes:
+        raise DataError(f"--node-rank {cfg.node_rank} --num-nodes {cfg.num_nodes}: give 1 or more nodes and a rank "
+                        f"from 0 to num_nodes - 1")
+    if cfg.num_nodes > 1 and cfg.max_bytes is not None:
+        raise DataError(f"--max-bytes {cfg.max_bytes} cuts the whole input and cannot be shared by "
+                        f"{cfg.num_nodes} nodes; cut the input files instead, or run one node")
+    if cfg.node_timeout <= 0:
+        raise DataError(f"--node-timeout {cfg.node_timeout}: give a number of seconds above 0")
+    if cfg.tokenizer is not None:
+        load_tokenizer(cfg.tokenizer)  # fail before the long part: offline gpt2, or not a tokenizer folder
+
+
+def _publish(tmp, out):
+    """Rename the finished tmp folder to out; a previous complete out is replaced only now."""
+    old = out.with_name(out.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _check_out_dir(out):
+    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
+        raise DataError(f"{out} exists and is not a data folder written by data.py; choose another --out-dir")
 
 
 def prepare(cfg):
-    """Run sources -> cleaning -> tokenizer -> shards into cfg.out_dir and return the meta dict."""
+    """Run sources -> cleaning -> tokenizer -> shards into cfg.out_dir and return the meta dict. With
+    cfg.num_nodes > 1 this process is one node of a multi-node run (prepare_node)."""
     cfg = resolve(cfg)
+    if cfg.num_nodes > 1:
+        return prepare_node(cfg)
     out = Path(cfg.out_dir)
-    if out.exists() and any(out.iterdir()) and not (out / "meta.json").exists():
-        raise DataError(f"{out} exists and is not a data folder written by data.py; choose another --out-dir")
+    _check_out_dir(out)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         meta = _prepare_into(cfg, tmp)
-        old = out.with_name(out.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        if out.exists():
-            out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
+        _publish(tmp, out)
         return meta
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _prepare_into(cfg, folder):
-    """prepare's work, written into the temporary folder."""
-    t0 = time.time()
-    n_merges = cfg.vocab_size - 256 - len(SPECIAL_TOKENS)
-    if cfg.tokenizer is None and n_merges < 0:
-        raise DataError(f"--vocab-size {cfg.vocab_size} is below 256 bytes + {len(SPECIAL_TOKENS)} specials")
-    if not 0 <= cfg.val_fraction < 1:
-        raise DataError(f"--val-fraction {cfg.val_fraction} is not in [0, 1)")
-    if cfg.canaries < 0:
-        raise DataError(f"--canaries {cfg.canaries}: give 0 (none) or more per repetition count")
-    if cfg.tokenizer is not None:
-        load_tokenizer(cfg.tokenizer)  # fail before the long part: offline gpt2, or not a tokenizer folder
-    report, source = CleanReport(), {"dataset": cfg.dataset}
-    docs = iter_documents(cfg, source, report.skipped_files)
-    # pass 1: clean, choose the split, keep the cleaned documents in a temporary file (never all in memory)
-    # and count pre-tokenized chunks of the train split for BPE
-    docs_file, chunks, n_docs = folder / "docs.jsonl.tmp", Counter(), 0
-    train_bpe_here = cfg.tokenizer is None
-    with open(docs_file, "w", encoding="utf-8") as f:
-        for text in clean_documents(docs, cfg, report):
-            split = "val" if is_val(text, cfg.seed, cfg.val_fraction) else "train"
-            f.write(json.dumps([split, text]) + "\n")
-            n_docs += 1
-            if train_bpe_here and split == "train":
-                chunks.update(re.findall(SPLIT_PATTERN, text))
-        # Canary texts count for BPE like the training text they are about to join.
-        canaries = make_canaries(cfg.canaries, cfg.seed) if cfg.canaries > 0 else []
-        for c in canaries:
-            if train_bpe_here and c["repeats"]:
-                for chunk, k in Counter(re.findall(SPLIT_PATTERN, f"{c['prefix']} {c['secret']}\n")).items():
-                    chunks[chunk] += k * c["repeats"]
+def _no_documents(cfg, report):
     skipped = ", ".join(f"{v} {k}" for k, v in report.skipped_files.items())
-    if n_docs == 0:
-        raise DataError(f"no documents left after reading and cleaning {cfg.input or cfg.dataset}"
-                        + (f" (skipped files: {skipped})" if skipped else "") + "; see the cleaning rules (--rules)")
-    print(report.table())
-    t1 = time.time()
+    return DataError(f"no documents left after reading and cleaning {cfg.input or cfg.dataset}"
+                     + (f" (skipped files: {skipped})" if skipped else "") + "; see the cleaning rules (--rules)")
 
-    # tokenizer: trained here on the train split, or reused
-    if train_bpe_here:
-        save_tokenizer(train_bpe(chunks, n_merges), folder)
+
+def _canary_chunks(canaries):
+    """Chunk counts of the canary texts times their repeats: they join the training text, so BPE counts them."""
+    chunks = Counter()
+    for c in canaries:
+        if c["repeats"]:
+            for chunk, k in count_chunks([f"{c['prefix']} {c['secret']}\n"]).items():
+                chunks[chunk] += k * c["repeats"]
+    return chunks
+
+
+def plant_canaries(canaries, n_docs, seed):
+    """{i: [[split, text], ...]}: canary copies that go before cleaned document i, of n_docs. Canaries are planted
+    after cleaning (dedup would keep one copy of each), as documents of their own before randomly chosen
+    documents (copies side by side could be copied from the context instead of memorised)."""
+    rng, planted = np.random.default_rng([seed, 1802]), defaultdict(list)
+    for c in canaries:
+        for at in rng.integers(0, n_docs, c["repeats"]):
+            planted[int(at)].append(["train", f"{c['prefix']} {c['secret']}\n"])
+    return planted
+
+
+def make_tokenizer(cfg, chunks, folder):
+    """The tokenizer files in folder (BPE trained on the chunk counts, or the --tokenizer given), loaded back."""
+    t0 = time.time()
+    if cfg.tokenizer is None:
+        save_tokenizer(train_bpe(chunks, cfg.vocab_size - 256 - len(SPECIAL_TOKENS)), folder)
     elif cfg.tokenizer == "gpt2":
         (folder / "tokenizer.json").write_text(json.dumps({"name": "gpt2"}) + "\n")
     else:
         for name in ["tokenizer.tiktoken", "tokenizer.json"]:
             shutil.copy(Path(cfg.tokenizer) / name, folder / name)
     tok = load_tokenizer(folder)
-    t2 = time.time()
-    print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash}, {t2 - t1:.1f} s")
-    if train_bpe_here and tok.vocab_size < cfg.vocab_size:
+    print(f"tokenizer: {tok.vocab_size} tokens, hash {tok.hash}, {time.time() - t0:.1f} s")
+    if cfg.tokenizer is None and tok.vocab_size < cfg.vocab_size:
         print(f"note: the text has no more pairs to merge; vocabulary is {tok.vocab_size}, not {cfg.vocab_size}")
+    return tok
 
-    # pass 2: encode in batches on cfg.workers threads (tiktoken releases the GIL), write the shards
-    dtype = token_dtype(tok.vocab_size)
-    writers = {s: ShardWriter(folder, s, dtype, cfg.shard_tokens, tok.hash) for s in ("train", "val")}
-    # Canaries are planted after cleaning (dedup would keep one copy of each), as documents of their own before
-    # randomly chosen documents (copies side by side could be copied from the context instead of memorised).
-    rng, planted = np.random.default_rng([cfg.seed, 1802]), defaultdict(list)
-    for c in canaries:
-        for at in rng.integers(0, n_docs, c["repeats"]):
-            planted[int(at)].append(["train", f"{c['prefix']} {c['secret']}\n"])
+
+def write_split_shards(docs_file, tok, folder, cfg, planted):
+    """Encode the [split, text] documents of docs_file (with the planted ones before theirs) in batches on
+    cfg.workers threads (tiktoken releases the GIL) into the shards of each split in folder; returns the
+    splits' stats and shard names."""
+    writers = {s: ShardWriter(folder, s, token_dtype(tok.vocab_size), cfg.shard_tokens, tok.hash)
+               for s in ("train", "val")}
     n_seen = 0
     for batch in _batches(docs_file):
         start, n_seen = n_seen, n_seen + len(batch)  # batch holds the cleaned documents start, start + 1, ...
         batch = [doc for i, d in enumerate(batch, start) for doc in planted.get(i, []) + [d]]
         for (split, text), ids in zip(batch, tok.encode_batch([t for _, t in batch], cfg.workers)):
             writers[split].add([tok.eot_id] + ids, len(text.encode()))  # the boundary token starts each document
-    docs_file.unlink()
-    splits = {s: w.close() for s, w in writers.items()}
-    t3 = time.time()
+    return {s: w.close() for s, w in writers.items()}
 
-    meta = {
+
+def _meta(cfg, tok, source, splits, report, seconds, canaries):
+    return {
         "format_version": SHARD_VERSION,
         "vocab_size": tok.vocab_size,
         "tokenizer_hash": tok.hash,
         "eot_id": tok.eot_id,
-        "dtype": np.dtype(dtype).name,
+        "dtype": np.dtype(token_dtype(tok.vocab_size)).name,
         "source": source,
         "source_hash": source["hash"],
         "splits": splits,
         "report": report.to_dict(),
-        "seconds": {"read_clean": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "shards": round(t3 - t2, 2)},
+        "seconds": seconds,
         "config": dataclasses.asdict(cfg),
         "canaries": canaries,
     }
-    (folder / "report.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+
+
+def _write_meta(folder, meta):
+    (folder / "report.json").write_text(json.dumps(meta["report"], indent=1) + "\n")
     (folder / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")  # last: its presence marks completion
-    print(f"shards: train {splits['train']['tokens']:,} tokens, val {splits['val']['tokens']:,} tokens, "
-          f"{t3 - t2:.1f} s -> {cfg.out_dir}")
+    print(f"shards: train {meta['splits']['train']['tokens']:,} tokens, val {meta['splits']['val']['tokens']:,} "
+          f"tokens -> {meta['config']['out_dir']}")
+
+
+def _prepare_into(cfg, folder):
+    """prepare's work, written into the temporary folder."""
+    t0 = time.time()
+    _check_config(cfg)
+    report, source = CleanReport(), {"dataset": cfg.dataset}
+    docs = iter_documents(cfg, source, report.skipped_files)
+    # pass 1: clean, choose the split, keep the cleaned documents in a temporary file (never all in memory)
+    docs_file, n_docs = folder / "docs.jsonl.tmp", 0
+    with open(docs_file, "w", encoding="utf-8") as f:
+        for text in clean_documents(docs, cfg, report):
+            split = "val" if is_val(text, cfg.seed, cfg.val_fraction) else "train"
+            f.write(json.dumps([split, text]) + "\n")
+            n_docs += 1
+    if n_docs == 0:
+        raise _no_documents(cfg, report)
+    print(report.table())
+    t1 = time.time()
+
+    # tokenizer: trained here on the train split (chunks counted on cfg.workers processes), or reused
+    canaries = make_canaries(cfg.canaries, cfg.seed) if cfg.canaries > 0 else []
+    chunks = count_file_chunks(docs_file, cfg.workers) + _canary_chunks(canaries) if cfg.tokenizer is None else None
+    tok = make_tokenizer(cfg, chunks, folder)
+    t2 = time.time()
+
+    # pass 2: encode, write the shards
+    splits = write_split_shards(docs_file, tok, folder, cfg, plant_canaries(canaries, n_docs, cfg.seed))
+    docs_file.unlink()
+    seconds = {"read_clean": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2), "shards": round(time.time() - t2, 2)}
+    meta = _meta(cfg, tok, source, splits, report, seconds, canaries)
+    _write_meta(folder, meta)
     return meta
+
+
+# --- several nodes: the same pipeline as independent processes over shares of the input ---
+# `python data.py --num-nodes K --node-rank R` on each of K machines (or nothing but the command under torchrun,
+# which sets RANK and WORLD_SIZE, or in a Slurm array) prepares one data folder together. Node R reads only its
+# share of the input files (node_files), and the folder <out_dir>.partial/ on a shared file system (NFS, Lustre)
+# is the only channel between the nodes. The phases, in order:
+#
+#   clean   every node  read its files, clean them on its --workers (clean_chunks), write its cleaned documents
+#                       and, per document, the exact-dedup key and the MinHash signature       node<R>/cleaned.json
+#   dedup   rank 0      one reduce over every node's keys and signatures in rank order, which is the global input
+#                       order, through the Dedup object of clean_documents: the first occurrence wins exactly as
+#                       in one pass; a keep-list per node                                        dedup/kept.json
+#   count   every node  its kept documents and their split; the chunk counts of its train split  node<R>/counted.json
+#   bpe     rank 0      the counts added in rank order, BPE trained once, canaries chosen        tokenizer.done.json
+#   shards  every node  its kept documents encoded into shards of its own, node<R>/train_0000.bin node<R>/shards.json
+#   meta    rank 0      one meta.json listing every node's shards in rank order, then <out>.partial -> <out>
+#
+# What costs (reading, cleaning, signatures, counting chunks, encoding) runs where the text is; per document only
+# a 20-byte key and a 1 KiB signature travel to the reduce. datatrove's MinHash stages write each band's hashes
+# sorted, merge them per band into matching pairs and join the pairs into clusters by union-find; this reduce
+# instead replays the one-pass rule (compare with the first kept document of a bucket, confirm by the Jaccard
+# estimate), so that K nodes give one worker's output exactly, at a dict lookup per band per document on one
+# core, and with the one-pass index in memory (about 5 KB per kept document).
+#
+# Synchronisation is by files, and kept simple: a phase ends by writing a small marker file (under a temporary
+# name, then renamed), and a node that needs it polls until it appears, for at most node_timeout seconds. So all
+# K nodes must run at the same time (a Slurm array with fewer free slots than tasks waits, then times out), and
+# a node that fails writes failed_node<R>.txt, which stops the others with its message. A crashed run leaves
+# <out>.partial behind: delete it before the next run (a node refuses to start next to a finished reduce step).
+
+SIGNATURE_RECORD = np.dtype([("key", "V20"), ("words", "?"), ("sig", "<u4", (256,))])  # 256: NearDedup's num_perm
+DEDUP_REASONS = [None, "exact_duplicate", "near_duplicate"]  # the uint8 codes of a keep-list
+
+
+def node_from_env(cfg, env=os.environ):
+    """Fill node_rank and num_nodes that were not given from the launcher: torchrun's RANK and WORLD_SIZE, or a
+    Slurm array's task id and count. Only the command line does this: train.py calls prepare under torchrun."""
+    if cfg.num_nodes is not None:
+        return cfg
+    if "WORLD_SIZE" in env:
+        rank, size = env.get("RANK", "0"), env["WORLD_SIZE"]
+    elif "SLURM_ARRAY_TASK_COUNT" in env:
+        rank = str(int(env["SLURM_ARRAY_TASK_ID"]) - int(env.get("SLURM_ARRAY_TASK_MIN", "0")))
+        size = env["SLURM_ARRAY_TASK_COUNT"]
+    else:
+        return cfg
+    return dataclasses.replace(cfg, num_nodes=int(size), node_rank=cfg.node_rank if cfg.node_rank is not None
+                               else int(rank))
+
+
+def _mark(path, obj):
+    """Write a marker file whole: a node that sees it can read everything the phase wrote before it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj) + "\n")
+    tmp.rename(path)
+
+
+def _wait_for(path, work, cfg):
+    """The JSON of another node's marker file, once it appears; DataError when a node failed or on timeout."""
+    deadline = time.time() + cfg.node_timeout
+    while not path.exists():
+        for failed in sorted(work.glob("failed_node*.txt")):
+            raise DataError(f"{failed}: {failed.read_text().strip()}; fix it, delete {work} and start all nodes again")
+        if time.time() > deadline:
+            raise DataError(f"{path} did not appear within --node-timeout {cfg.node_timeout:g} s; are all "
+                            f"{cfg.num_nodes} nodes running, with the same --out-dir on a shared file system?")
+        time.sleep(0.2)
+    return json.loads(path.read_text())
+
+
+def _same_run(cfg):
+    """The settings every node of one run must share (all but its rank): checked by rank 0 at the reduce."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("node_rank", "workers", "node_timeout")}
+
+
+def _node_clean(cfg, me):
+    """Phase clean: this node's documents cleaned into docs.jsonl ([origin, text]) and signatures.bin."""
+    report, source = CleanReport(), {"dataset": cfg.dataset}
+    docs = iter_documents(cfg, source, report.skipped_files, share=(cfg.node_rank, cfg.num_nodes))
+    n = 0
+    with open(me / "docs.jsonl", "w", encoding="utf-8") as f, open(me / "signatures.bin", "wb") as s:
+        for part, kept in clean_chunks(docs, cfg):
+            report.merge(part)
+            records = np.zeros(len(kept), SIGNATURE_RECORD)
+            for i, (redacted, origin, sig) in enumerate(kept):
+                f.write(json.dumps([origin, redacted]) + "\n")
+                records["key"][i], records["words"][i] = doc_key(redacted), sig is not None
+                if sig is not None:
+                    records["sig"][i] = sig
+            s.write(records.tobytes())
+            n += len(kept)
+    _mark(me / "cleaned.json", {"docs": n, "report": report.to_dict(), "source": source, "config": _same_run(cfg)})
+
+
+def dedup_nodes(cfg, work):
+    """Phase dedup (rank 0): every node's keys and signatures through one Dedup, in rank order; writes
+    dedup/node<R>.npy (a DEDUP_REASONS code per cleaned document of node R) and dedup/kept.json."""
+    dedup, kept, folder = Dedup(cfg), [], work / "dedup"
+    folder.mkdir(exist_ok=True)
+    for r in range(cfg.num_nodes):
+        info = _wait_for(work / f"node{r}" / "cleaned.json", work, cfg)
+        if info["config"] != _same_run(cfg):
+            raise DataError(f"{work}/node{r} was cleaned with other settings than node 0 (or by an earlier run); "
+                            f"give every node the same flags, delete {work} and start all nodes again")
+        path = work / f"node{r}" / "signatures.bin"
+        records = np.memmap(path, SIGNATURE_RECORD, "r") if info["docs"] else np.zeros(0, SIGNATURE_RECORD)
+        reasons = (dedup.check(rec["key"].tobytes(), rec["sig"] if rec["words"] else None) for rec in records)
+        codes = np.array([DEDUP_REASONS.index(x) for x in reasons], np.uint8)  # the memmap is read record by record
+        np.save(folder / f"node{r}.npy", codes)
+        kept.append(int((codes == 0).sum()))
+    if sum(kept) == 0:
+        raise _no_documents(cfg, CleanReport())
+    _mark(folder / "kept.json", {"kept": kept})
+
+
+def _node_count(cfg, work, me):
+    """Phase count: this node's keep-list applied (kept.jsonl, [split, text]), its dedup steps counted, and the
+    chunks of its train split counted for BPE."""
+    _wait_for(work / "dedup" / "kept.json", work, cfg)
+    codes = np.load(work / "dedup" / f"node{cfg.node_rank}.npy")
+    report = CleanReport()
+    with open(me / "docs.jsonl", encoding="utf-8") as f, open(me / "kept.jsonl", "w", encoding="utf-8") as out:
+        for code, line in zip(codes, f):
+            origin, text = json.loads(line)
+            tally_dedup(report, text, origin, DEDUP_REASONS[code])
+            if code == 0:
+                out.write(json.dumps(["val" if is_val(text, cfg.seed, cfg.val_fraction) else "train", text]) + "\n")
+    (me / "docs.jsonl").unlink()
+    chunks = count_file_chunks(me / "kept.jsonl", cfg.workers) if cfg.tokenizer is None else {}
+    _mark(me / "counted.json", {"report": report.to_dict(), "chunks": chunks})
+
+
+def _train_tokenizer_once(cfg, work):
+    """Phase bpe (rank 0): the nodes' chunk counts added in rank order (the order of one pass), plus the
+    canaries', and the tokenizer made once; the canaries are chosen here for the whole corpus."""
+    chunks = Counter()
+    for r in range(cfg.num_nodes):
+        chunks.update(_wait_for(work / f"node{r}" / "counted.json", work, cfg)["chunks"])
+    canaries = make_canaries(cfg.canaries, cfg.seed) if cfg.canaries > 0 else []
+    tok = make_tokenizer(cfg, chunks + _canary_chunks(canaries), work)
+    n_docs = sum(json.loads((work / "dedup" / "kept.json").read_text())["kept"])
+    planted = [[i, split, text] for i, docs in plant_canaries(canaries, n_docs, cfg.seed).items()
+               for split, text in docs]
+    _mark(work / "tokenizer.done.json", {"canaries": canaries, "planted": planted})
+    return tok
+
+
+def _node_shards(cfg, work, me):
+    """Phase shards: this node's kept documents (and the canaries planted among them) into its own shards."""
+    planted_all = _wait_for(work / "tokenizer.done.json", work, cfg)["planted"]
+    kept = json.loads((work / "dedup" / "kept.json").read_text())["kept"]
+    first = sum(kept[:cfg.node_rank])  # global index of this node's first kept document
+    planted = defaultdict(list)
+    for i, split, text in planted_all:
+        if first <= i < first + kept[cfg.node_rank]:
+            planted[i - first].append([split, text])
+    splits = write_split_shards(me / "kept.jsonl", load_tokenizer(work), me, cfg, planted)
+    (me / "kept.jsonl").unlink()
+    (me / "signatures.bin").unlink()
+    _mark(me / "shards.json", {"splits": splits})
+
+
+def _merge_nodes(cfg, work, tok, seconds):
+    """Phase meta (rank 0): one meta.json over every node's shards and reports, in rank order."""
+    clean, dedup, sources = CleanReport(), CleanReport(), []
+    splits = {s: {"tokens": 0, "bytes": 0, "docs": 0, "shards": []} for s in ("train", "val")}
+    for r in range(cfg.num_nodes):
+        node = work / f"node{r}"
+        for s, info in _wait_for(node / "shards.json", work, cfg)["splits"].items():
+            for key in ("tokens", "bytes", "docs"):
+                splits[s][key] += info[key]
+            splits[s]["shards"] += [f"node{r}/{name}" for name in info["shards"]]
+        cleaned = json.loads((node / "cleaned.json").read_text())
+        clean.merge(CleanReport.from_dict(cleaned["report"]))
+        dedup.merge(CleanReport.from_dict(json.loads((node / "counted.json").read_text())["report"]))
+        sources.append(cleaned["source"])
+        for marker in ("cleaned.json", "counted.json", "shards.json"):
+            (node / marker).unlink()
+    clean.merge(dedup)  # the per-document steps of every node, then the dedup steps: the one-pass report
+    print(clean.table())
+    # sha256 cannot be continued across nodes: the source hash of K nodes is the hash of their hashes
+    source = {**sources[0], "files": sum(s["files"] for s in sources),
+              "hash": hashlib.sha256("".join(s["hash"] for s in sources).encode()).hexdigest()[:16]}
+    canaries = json.loads((work / "tokenizer.done.json").read_text())["canaries"]
+    shutil.rmtree(work / "dedup")
+    (work / "tokenizer.done.json").unlink()
+    meta = _meta(cfg, tok, source, splits, clean, seconds, canaries)
+    _write_meta(work, meta)
+    return meta
+
+
+def prepare_node(cfg):
+    """One node of a multi-node run (the phases above): rank 0 returns the meta dict once every node is done and
+    <out>.partial is renamed to out; the other ranks return None when their shards are written."""
+    cfg = resolve(cfg)
+    _check_config(cfg)
+    out = Path(cfg.out_dir)
+    work, rank = out.with_name(out.name + ".partial"), cfg.node_rank
+    _check_out_dir(out)
+    for stale in [work / "dedup" / "kept.json", work / "tokenizer.done.json", *work.glob("failed_node*.txt")]:
+        if stale.exists():  # written only after this node's first phase: left by an earlier run
+            raise DataError(f"{stale} is left from an earlier run; delete {work} and start all nodes again")
+    me = work / f"node{rank}"
+    shutil.rmtree(me, ignore_errors=True)
+    me.mkdir(parents=True)
+    try:
+        t0 = time.time()
+        _node_clean(cfg, me)
+        if rank == 0:
+            dedup_nodes(cfg, work)
+        t1 = time.time()
+        _node_count(cfg, work, me)
+        tok = _train_tokenizer_once(cfg, work) if rank == 0 else None
+        t2 = time.time()
+        _node_shards(cfg, work, me)
+        if rank != 0:
+            print(f"node {rank} of {cfg.num_nodes}: shards written into {me}; node 0 writes meta.json")
+            return None
+        seconds = {"read_clean": round(t1 - t0, 2), "tokenizer": round(t2 - t1, 2),
+                   "shards": round(time.time() - t2, 2)}
+        meta = _merge_nodes(cfg, work, tok, seconds)
+        _publish(work, out)
+        return meta
+    except BaseException as e:
+        if work.exists():
+            (work / f"failed_node{rank}.txt").write_text(f"node {rank} failed: {type(e).__name__}: {str(e)[:300]}\n")
+        raise
 
 
 def load_meta(data_dir):
@@ -1067,7 +1515,7 @@ def config_parser(cls=DataConfig, description=None, choices=None):
 
 
 def main(argv=None):
-    cfg = DataConfig(**vars(config_parser().parse_args(argv)))
+    cfg = node_from_env(DataConfig(**vars(config_parser().parse_args(argv))))
     try:
         prepare(cfg)
     except DataError as e:

@@ -8,7 +8,10 @@ import base64
 import hashlib
 import http.server
 import json
+import os
 import random
+import subprocess
+import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -670,3 +673,173 @@ def test_canaries_are_planted_at_their_repeat_counts_and_recorded(tmp_path):
     assert meta["splits"]["train"]["docs"] == 60 - meta["splits"]["val"]["docs"] + 2 * sum(data.CANARY_REPEATS)
     with pytest.raises(DataError, match="--canaries -1"):
         data.prepare(DataConfig(input=[str(tmp_path / "in")], out_dir=str(tmp_path / "bad"), canaries=-1))
+
+
+# --- every core and several nodes: the same output as one worker ---
+
+def test_chunk_counts_on_two_processes_are_one_pass_counts_in_the_same_order(tmp_path):
+    docs = random_docs(40, seed=11, words=60) + HARD_STRINGS
+    path = tmp_path / "docs.jsonl"
+    path.write_text("".join(json.dumps(["val" if i % 5 == 0 else "train", d]) + "\n" for i, d in enumerate(docs)))
+    one = data.count_chunks(d for i, d in enumerate(docs) if i % 5)  # the train documents, in one pass
+    for workers in (1, 2):  # batches of ~2000 characters: each process counts several, summed in order
+        counts = data.count_file_chunks(path, workers, batch_chars=2000)
+        assert list(counts.items()) == list(one.items())
+    assert data.train_bpe(counts, 200) == data.train_bpe(one, 200)
+
+
+def test_tokenizer_does_not_depend_on_the_number_of_workers(tmp_path):
+    write_jsonl(tmp_path / "src" / "d.jsonl", random_docs(60, seed=4))
+    files = []
+    for workers in (1, 2):
+        out = tmp_path / f"out{workers}"
+        data.prepare(DataConfig(input=[str(tmp_path / "src")], out_dir=str(out), vocab_size=320, workers=workers))
+        files.append([(out / n).read_bytes() for n in ("tokenizer.tiktoken", "tokenizer.json")])
+    assert files[0] == files[1]
+
+
+def test_node_shares_are_contiguous_runs_of_the_files_by_bytes(tmp_path):
+    files = []
+    for i, size in enumerate([100, 300, 50, 50, 400, 100]):
+        files.append(tmp_path / f"f{i}.txt")
+        files[-1].write_text("x" * size)
+    assert data.node_files(files, 0, 1) == files
+    for k in range(2, 8):  # more nodes than files too: a node may get none
+        shares = [data.node_files(files, r, k) for r in range(k)]
+        assert [f for share in shares for f in share] == files
+    assert [len(data.node_files(files, r, 2)) for r in range(2)] == [4, 2]  # f4 starts at byte 500 of 1000
+
+
+def test_nodes_come_from_torchrun_or_slurm_only_on_the_command_line():
+    cfg = DataConfig()
+    assert data.node_from_env(cfg, {"RANK": "3", "WORLD_SIZE": "4"}) == DataConfig(node_rank=3, num_nodes=4)
+    slurm = {"SLURM_ARRAY_TASK_ID": "7", "SLURM_ARRAY_TASK_MIN": "5", "SLURM_ARRAY_TASK_COUNT": "3"}
+    assert data.node_from_env(cfg, slurm) == DataConfig(node_rank=2, num_nodes=3)
+    assert data.node_from_env(DataConfig(num_nodes=1), {"RANK": "1", "WORLD_SIZE": "2"}).num_nodes == 1
+    assert data.node_from_env(cfg, {}) == cfg
+    assert (data.resolve(cfg).node_rank, data.resolve(cfg).num_nodes) == (0, 1)  # prepare alone: one node
+
+
+def two_node_corpus(folder):
+    """Four files, the first two node 0's share and the last two node 1's. Node 1 holds an exact copy of one of
+    node 0's documents and a near copy (one word of 120 changed) of another: only a global dedup removes them,
+    and only one in the global order removes the copies rather than the originals."""
+    docs = random_docs(48, seed=21, words=120)
+    parts = [docs[:13], docs[13:26], docs[26:37] + [docs[3]], docs[37:] + [docs[7].replace("the", "THE", 1)]]
+    files = [write_jsonl(folder / f"p{k}.jsonl", part) for k, part in enumerate(parts)]
+    assert data.node_files(files, 0, 2) == files[:2] and data.node_files(files, 1, 2) == files[2:]
+    return docs
+
+
+def run_nodes(argv, num_nodes, folder):
+    """Start every node as its own `python data.py` process at once, as K machines would; rank 1 learns its
+    rank from torchrun's variables, the others from the flags."""
+    procs = []
+    for r in range(num_nodes):
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        flags = ["--num-nodes", str(num_nodes), "--node-rank", str(r)]
+        if r == 1:
+            env.update(RANK="1", WORLD_SIZE=str(num_nodes))
+            flags = []
+        procs.append(subprocess.Popen([sys.executable, "data.py", *argv, *flags], cwd=folder, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return [(p.wait(timeout=120), p.stdout.read()) for p in procs]
+
+
+def split_streams(out):
+    meta = data.load_meta(out)
+    return {s: np.concatenate([data.open_shard(Path(out) / n, meta["tokenizer_hash"]) for n in info["shards"]])
+            for s, info in meta["splits"].items()}
+
+
+def test_two_nodes_keep_and_tokenize_exactly_what_one_worker_does(tmp_path):
+    """Identical here means: the same tokenizer files, the same token stream per split (every node's shards
+    concatenated in the order meta.json lists them), the same counts and report. The shard files themselves
+    are cut differently (each node ends its last shard short), and that is all that differs: TokenLoader reads
+    the streams of meta.json's shards, so a run sees the same tokens except for windows at the node seams."""
+    docs = two_node_corpus(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), "--vocab-size", "320", "--shard-tokens", "2000", "--workers", "1",
+            "--canaries", "1", "--val-fraction", "0.1"]
+    one = data.prepare(DataConfig(**vars(data.config_parser().parse_args(argv + ["--out-dir", str(tmp_path / "one")]))))
+    results = run_nodes(argv + ["--out-dir", str(tmp_path / "two")], 2, Path(data.__file__).parent)
+    assert [code for code, _ in results] == [0, 0], results
+    two = data.load_meta(tmp_path / "two")
+    assert {n.split("/")[0] for n in two["splits"]["train"]["shards"]} == {"node0", "node1"}  # written where they are
+    for name in ("tokenizer.tiktoken", "tokenizer.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    streams = split_streams(tmp_path / "two")
+    assert all(np.array_equal(a, streams[s]) for s, a in split_streams(tmp_path / "one").items())
+    for key in ("tokenizer_hash", "report", "canaries"):
+        assert one[key] == two[key], key
+    for s in ("train", "val"):
+        assert {**one["splits"][s], "shards": None} == {**two["splits"][s], "shards": None}, s
+    # the copies in node 1's share went, the originals in node 0's stayed
+    tok = data.load_tokenizer(tmp_path / "two")
+    texts = tok.decode(np.concatenate(list(streams.values())).tolist()).split("<|endoftext|>")
+    assert docs[3] in texts and docs[7] in texts and docs[7].replace("the", "THE", 1) not in texts
+    steps = two["report"]["steps"]
+    assert texts.count(docs[3]) == 1 and (steps["exact_dedup"]["docs_out"], steps["near_dedup"]["docs_out"]) == (49, 48)
+    # nothing of the phases is left: no .partial folder, no markers, signatures or documents beside the shards
+    out = tmp_path / "two"
+    left = sorted(p.name for p in out.rglob("*") if p.is_file() and p.suffix != ".bin")
+    assert not list(tmp_path.glob("*.partial")) and left == ["meta.json", "report.json", "tokenizer.json",
+                                                             "tokenizer.tiktoken"]
+    x, y = TokenLoader(tmp_path / "two", "train", 2, 16).next_batch()
+    assert x.shape == (2, 16) and (x[:, 1:] == y[:, :-1]).all()
+
+
+def test_a_node_alone_waits_then_fails_on_one_line_and_a_rerun_is_refused(tmp_path, capsys):
+    two_node_corpus(tmp_path / "in")
+    argv = ["--input", str(tmp_path / "in"), "--out-dir", str(tmp_path / "out"), "--vocab-size", "300",
+            "--workers", "1", "--num-nodes", "2"]
+    code, err = run_main(argv + ["--node-rank", "1", "--node-timeout", "0.5"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "kept.json did not appear within --node-timeout 0.5 s" in err
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "failed_node1.txt").exists()
+    code, err = run_main(argv + ["--node-rank", "0"], capsys)
+    assert code == 2 and "failed_node1.txt is left from an earlier run; delete" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-nodes", "2", "--node-rank", "2"], "--node-rank 2 --num-nodes 2: give 1 or more nodes"),
+    (["--num-nodes", "2", "--node-rank", "0", "--max-bytes", "100"], "--max-bytes 100 cuts the whole input"),
+    (["--num-nodes", "2", "--node-rank", "0", "--node-timeout", "0"], "--node-timeout 0.0: give a number"),
+])
+def test_bad_node_flags_are_one_line_errors(flags, message, tmp_path, capsys):
+    write_jsonl(tmp_path / "in" / "d.jsonl", random_docs(5))
+    code, err = run_main(["--input", str(tmp_path / "in"), "--out-dir", str(tmp_path / "out")] + flags, capsys)
+    assert code == 2 and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# --- streaming: files larger than memory ---
+
+def test_text_cut_in_pieces_gives_the_documents_of_the_whole_text():
+    rng = random.Random(0)
+    alphabet = ["a", "b c", " ", "\n", "\n", "\t", "\r\n", "\u2028", "\u00a0", "<|endoftext|>"]
+    for _ in range(2000):  # any cut of any text, even inside a run of blank lines or a <|endoftext|> token
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 50)))
+        text = text if rng.random() < 0.5 else text.replace("<|endoftext|>", "")
+        cuts = sorted(rng.randint(0, len(text)) for _ in range(rng.randint(0, 6)))
+        pieces = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
+        doc_chars = rng.randint(1, 20)
+        whole = [d.strip("\n") for d in text.split("<|endoftext|>") if d.strip()] if "<|endoftext|>" in text else None
+        got = list(data.split_pieces(pieces, doc_chars, "<|endoftext|>" in text))
+        assert got == data.split_text(text, doc_chars) and (whole is None or got == whole), (pieces, doc_chars)
+
+
+def test_large_files_are_read_in_pieces_within_a_memory_budget(tmp_path, monkeypatch):
+    import tracemalloc
+    monkeypatch.setattr(data, "READ_BLOCK", 1 << 16)
+    docs = random_docs(1500, seed=2, words=400)  # ~3.5 MB of text per file; the budget is 1 MB
+    (tmp_path / "t.txt").write_text("\n\n".join(docs))
+    write_jsonl(tmp_path / "j.jsonl", docs)
+    for name, n_docs in [("t.txt", None), ("j.jsonl", len(docs))]:
+        size = (tmp_path / name).stat().st_size
+        source = {}
+        tracemalloc.start()
+        n = sum(1 for _ in data.iter_documents(DataConfig(input=[str(tmp_path / name)]), source, Counter()))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert peak < 1e6 < size / 3, f"{name}: peak {peak / 1e6:.2f} MB reading {size / 1e6:.1f} MB"
+        assert n == (n_docs or len(data.split_text((tmp_path / name).read_text(), 8000)))
+        assert source["hash"] == hashlib.sha256((tmp_path / name).read_bytes()).hexdigest()[:16]
