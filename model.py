@@ -408,8 +408,9 @@ def draw(probs, u):
     """One token id per row of probs (B, V), from uniforms u (B, 1) in [0, 1): the first token whose cumulative
     probability passes u times the row's total (the inverse of the CDF). A token of probability 0 is never drawn.
 
-    torch.multinomial gives the same distribution, but on a CPU it took ~120 us for one row of 4,096 tokens and
-    ~1.6 ms for 16 rows, against ~20 us here: a tenth of a 16-row decode step of the mini preset."""
+    torch.multinomial gives the same distribution, but on the 2-core CPU it took 188 us for one row of 4,096
+    tokens and 2.7 ms for 16 rows, where this takes 22 us and 0.21 ms with the uniforms drawn (measured side by
+    side, BENCHMARKS.md): multinomial was a quarter of a 16-row decode step of the mini preset."""
     cdf = probs.cumsum(dim=-1)
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
 
