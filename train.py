@@ -3,10 +3,11 @@
 One file holds the whole loop, readable top to bottom:
 
     config       TrainConfig; argparse is built from its fields
-    runtime      device, dtype and DDP from torchrun's environment; print0
-    optimizer    AdamW (weight decay on matrices only) and the learning-rate schedule
-    step         train_step (gradient accumulation, DDP sync on the last micro-step), evaluate
-    checkpoints  atomic save, keep the last K, exact resume (model, optimizer, loader, RNG states)
+    runtime      device, dtype and DDP or FSDP2 from torchrun's environment; print0; shard_model
+    optimizer    AdamW (weight decay on matrices only), or Muon for the blocks' matrices; the learning-rate schedule
+    step         train_step (gradient accumulation, gradient sync on the last micro-step), evaluate
+    checkpoints  atomic save, keep the last K, exact resume (model, optimizer, loader, RNG states);
+                 sharded checkpoints (one file per rank, torch.distributed.checkpoint) and their conversion
     metrics      metrics.jsonl and loss-curve PNGs
     main         pretraining: setup, data, model, optimizer, loop, save
     scaling      compute_optimal and --sweep (loss against compute with a fitted power law)
@@ -18,11 +19,14 @@ Run it:
 
     python train.py                                   # CPU: prepares the embedded data, trains in minutes
     python train.py --preset small --max-steps 2000   # a larger model (see model.PRESETS)
+    python train.py --optimizer muon                  # Muon on the blocks' matrices, AdamW on the rest
     python train.py --resume auto                     # continue from the newest checkpoint in --out-dir
     python train.py --plot out/pretrain out/other     # overlay the loss curves of several runs
     python train.py --sweep 5e12                      # scaling-law exercise on one FLOPs budget
     torchrun --standalone --nproc_per_node=8 train.py --preset gpt2 --dataset fineweb-edu
     torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=HOST:29500 train.py ...
+    torchrun --standalone --nproc_per_node=8 train.py --preset gpt2-xl --parallel fsdp   # sharded over the 8 GPUs
+    python train.py --convert out/pretrain/ckpt_005000.dcp   # a sharded checkpoint -> ckpt_005000.pt (and back)
 
 With a GPU the defaults grow (preset gpt2, bf16 autocast, torch.compile). Tests: python -m pytest -q tests/test_train.py
 """
@@ -32,14 +36,20 @@ import os
 import random
 import re
 import shlex
+import shutil
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import data
@@ -72,16 +82,20 @@ class TrainConfig:
     warmup_steps: int | None = None     # linear warmup steps; None = 5% of max_steps
     schedule: str = "cosine"            # cosine, wsd (warmup-stable-decay) or constant (after warmup)
     cooldown_frac: float = 0.2          # wsd only: fraction of max_steps spent decaying to the final lr
-    weight_decay: float = 0.1           # AdamW decoupled weight decay, on matrices only
+    weight_decay: float = 0.1           # decoupled weight decay, on matrices only (AdamW's, and Muon's too)
     beta1: float = 0.9                  # AdamW first-moment decay
     beta2: float = 0.95                 # AdamW second-moment decay
     grad_clip: float = 1.0              # clip the global gradient norm to this; 0 = no clipping
+    optimizer: str = "adamw"            # adamw, or muon: Muon on the blocks' matrices, AdamW (--lr) on the rest
+    muon_lr: float = 0.02               # muon: peak lr of the matrices (x sqrt(max(1, out/in))), on --lr's schedule
+    muon_momentum: float = 0.95         # muon: momentum of the matrices' gradients (Nesterov)
     # runtime
     device: str | None = None           # cpu or cuda; None = cuda when available
     dtype: str | None = None            # float32 or bfloat16 (autocast); None = bfloat16 on CUDA, float32 on CPU
     compile: bool | None = None         # torch.compile the model; None = on with CUDA, off on CPU
     seed: int = 1337                    # seeds the weights, the data order, dropout and sampling
     threads: int | None = None          # CPU threads of torch's ops; None = torch's default (under torchrun: split)
+    parallel: str = "ddp"               # under torchrun: ddp (a full copy per rank) or fsdp (sharded over the ranks)
     # evaluation, logging, checkpoints
     eval_every: int = 250               # steps between validation passes (and loss.png refreshes); at least 1
     eval_batches: int = 20              # micro-batches in the fixed validation subset, over all devices
@@ -96,7 +110,8 @@ class TrainConfig:
 
 
 CHOICES = {"attn": ("sdpa", "naive", "triton"), "kernels": ("torch", "triton"),
-           "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16")}
+           "schedule": ("cosine", "wsd", "constant"), "device": ("cpu", "cuda"), "dtype": ("float32", "bfloat16"),
+           "parallel": ("ddp", "fsdp"), "optimizer": ("adamw", "muon")}
 
 
 class TrainError(Exception):
@@ -123,9 +138,10 @@ class Runtime:
     rank: int = 0           # this process among all processes
     local_rank: int = 0     # this process among the processes of its node (its GPU index)
     world_size: int = 1     # processes in all
+    fsdp: bool = False      # parameters, gradients and optimizer state sharded over the ranks (FSDP2), not copied
 
     @property
-    def ddp(self):
+    def ddp(self):  # several processes, whether they copy the model (DDP) or shard it (FSDP)
         return self.world_size > 1
 
     @property
@@ -138,13 +154,18 @@ class Runtime:
         return torch.autocast(self.device_type, dtype=self.dtype)
 
 
-def setup_runtime(device=None, dtype=None, threads=None):
-    """Device, dtype and DDP for this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the rendezvous
-    variables); a plain `python` run has none of them and is rank 0 of 1. NCCL on CUDA, gloo on the CPU.
+def setup_runtime(device=None, dtype=None, threads=None, parallel="ddp"):
+    """Device, dtype and DDP or FSDP for this process. torchrun sets RANK, LOCAL_RANK and WORLD_SIZE (and the
+    rendezvous variables); a plain `python` run has none of them and is rank 0 of 1. NCCL on CUDA, gloo on the CPU.
     threads sets torch's CPU threads (on a shared 2-core machine the default can make a tiny model's step
-    several times slower); None keeps torch's default, split between the processes of a node under DDP."""
+    several times slower); None keeps torch's default, split between the processes of a node under DDP.
+    parallel="fsdp" needs torchrun's environment; with one process (--nproc_per_node=1) it shards over one rank,
+    which tests the sharded path and its checkpoints on a single GPU."""
     if threads is not None and threads < 1:
         raise TrainError(f"--threads {threads}: must be at least 1 (or leave it out for torch's default)")
+    if parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise TrainError("--parallel fsdp shards the model over the processes torchrun starts: run torchrun "
+                         "--nproc_per_node=N train.py ... (one plain process holds the whole model: --parallel ddp)")
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -162,9 +183,9 @@ def setup_runtime(device=None, dtype=None, threads=None):
         # Processes of one node share its cores; oversubscribed threads slow every one of them down.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world_size))))
     dtype = dtype or ("bfloat16" if device_type == "cuda" else "float32")
-    if world_size > 1 and not dist.is_initialized():
+    if (world_size > 1 or parallel == "fsdp") and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
-    return Runtime(device, device_type, getattr(torch, dtype), rank, local_rank, world_size)
+    return Runtime(device, device_type, getattr(torch, dtype), rank, local_rank, world_size, parallel == "fsdp")
 
 
 def print0(*args, **kwargs):
@@ -173,15 +194,217 @@ def print0(*args, **kwargs):
         print(*args, **kwargs, flush=True)
 
 
-# --- optimizer and schedule ---
+# Past one GPU's memory: sharding (ZeRO, FSDP).
+#
+# Training with AdamW holds 16 bytes per parameter before any activation: the fp32 weight (4), its fp32 gradient
+# (4) and Adam's two fp32 moments (8). DDP keeps all of it on every rank, so gpt2-xl (1.56B parameters) needs
+# 25 GB per GPU however many GPUs there are. ZeRO (Rajbhandari et al. 2020) removes the copies in three stages,
+# each rank keeping 1/N of what is sharded:
+#   stage 1  the optimizer state: each rank updates only its slice of the weights, then all-gathers the result;
+#            4 + 4 + 8/N bytes per parameter (nanochat's distributed AdamW does this, plus stage 2)
+#   stage 2  the gradients too: they are reduce-scattered (each rank receives the sum of its slice only) instead
+#            of all-reduced; 4 + 12/N bytes
+#   stage 3  the weights too: a layer's weights are all-gathered just before it runs and freed after; 16/N bytes
+# FSDP (Zhao et al. 2023) is stage 3 in PyTorch; FSDP2's fully_shard, used here, turns each parameter into a
+# DTensor that holds this rank's rows (dim 0 split over the ranks). shard_model makes each block one unit, and the
+# root (embeddings, final norm, lm_head) another. What travels in one step, per unit:
+#   forward   all-gather its weights, run it, free them (reshard_after_forward; the root keeps its own)
+#   backward  all-gather its weights again, compute its gradients, reduce-scatter them: each rank keeps the
+#             average of its slice over the ranks, the same average DDP's all-reduce makes
+#   optimizer each rank steps its own slices, nothing travels; the shards are the fp32 master weights
+# FSDP prefetches the next unit's all-gather while the current one computes. With gradient accumulation,
+# set_requires_gradient_sync(False) skips the reduce-scatter on all but the last micro-step (train_step), at the
+# price of a full-size gradient on every rank until then; the all-gathers still run at every micro-step.
+# On a GPU, MixedPrecisionPolicy casts the shards to bf16 before the all-gather (half the bytes to send, the dtype
+# of the compute) and reduces the gradients in fp32.
+#
+# DDP is still the better choice while the model, its gradients and AdamW's moments fit in one GPU's memory with
+# room for the activations (every preset here does on a 40 or 80 GB GPU: the README's table). It moves
+# less data: an all-reduce is a reduce-scatter plus an all-gather, 2x the parameters per step, where FSDP moves
+# 3x (two all-gathers and a reduce-scatter); and it sends them in a few large buckets during the backward, where
+# FSDP makes three calls per block. Across nodes with a slow network the difference shows first; sharding within
+# a node and copying across nodes (HSDP) is the usual middle.
 
-def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu"):
-    """AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) and none on biases and norm gains,
-    which have no scale to shrink (nanoGPT's choice). Frozen parameters (LoRA) are left out. Fused on CUDA."""
+def shard_model(model, rt, compile=False):
+    """FSDP2 on a GPT in place, each block one unit and the root another; returns the model (now an FSDPModule).
+    Call it before build_optimizer: the optimizer must hold the sharded parameters. compile compiles each block
+    before it is sharded (what FSDP's own tests and torchtitan do), so FSDP's hooks stay outside the graphs."""
+    policy = MixedPrecisionPolicy()  # float32: compute in the parameters' own dtype
+    if rt.dtype != torch.float32:  # bf16 compute on fp32 master weights; autocast still keeps norms and softmax fp32
+        policy = MixedPrecisionPolicy(param_dtype=rt.dtype, reduce_dtype=torch.float32)
+    for block in model.transformer.h:
+        if compile:
+            block.compile()  # in place: no _orig_mod. prefix in the parameter names
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+# --- optimizer and schedule ---
+#
+# Muon: steepest descent for weight matrices (Keller Jordan 2024, "Muon: an optimizer for hidden layers in neural
+# networks"; Bernstein & Newhouse 2024, "Old optimizer, new norm").
+#
+# Take one weight matrix W (out x in) and its gradient G. A small step dW changes the loss by about <G, dW>, and
+# steepest descent picks the dW that lowers it most among steps of a given size: the answer depends on how size is
+# measured. Measured by the Frobenius norm (W as one long vector) it is -lr G / |G|_F, plain SGD; sign descent (Adam
+# without its averages) is the answer under the max-entry norm. But W is an operator from activations to activations,
+# and what a step does to the network is how much it can stretch an input: the spectral norm |dW|_2, the largest
+# singular value. Write G = U S V^T (its SVD, singular values s_i >= 0). Then <G, dW> = sum_i s_i u_i^T dW v_i, and
+# each u_i^T dW v_i is at least -|dW|_2, so the best step of spectral norm lr is dW = -lr U V^T: the gradient's
+# singular directions, every singular value set to 1. A transformer's gradients are nearly low rank, a few directions
+# dominate them and SGD or Adam move the weights mostly along those; the orthogonalised step moves along the rare
+# directions as far as along the common ones. Muon applies it to the momentum of the gradient (an average over recent
+# steps, with Nesterov's look-ahead), not to one noisy gradient.
+#
+# An SVD per matrix per step is slow on a GPU; an odd matrix polynomial is a few matmuls. For X = U S V^T,
+#   p(X) = a X + b (X X^T) X + c (X X^T)^2 X = U p(S) V^T,   p(s) = a s + b s^3 + c s^5 on each singular value,
+# so iterating p on X iterates the scalar map on every singular value at once, directions untouched (Newton-Schulz
+# iteration). First X = G / |G|_F: the Frobenius norm is at least the spectral one, so every s lies in [0, 1]. The
+# classic cubic (a, b, c) = (1.5, -0.5, 0) converges to exactly 1 but starts slowly: near 0 it only multiplies s by
+# 1.5 per step. Jordan's quintic (3.4445, -4.7750, 2.0315) maximises that slope at 0 (3.4445: a singular value of
+# 1e-3 reaches the order of 1 within five steps) and pays for it by not converging: the singular values end up
+# oscillating in a band around 1 (0.68 to 1.14 measured in tests/test_train.py), which trains as well as U V^T
+# exactly. Five steps, in bfloat16 on a GPU (the iteration tolerates its rounding); float32 on the CPU, where
+# bfloat16 matmuls run about 25x slower on the development machine. A wide X (out < in) is iterated as it is and a
+# tall one transposed, so that X X^T is always the smaller Gram matrix.
+#
+# Only the matrices inside the blocks (attention's c_attn and c_proj, the MLP's c_fc and c_proj) go to Muon: the
+# argument is about maps from hidden vectors to hidden vectors. The embeddings wte and wpe are lookup tables: their
+# input is one-hot, each step touches only the rows of the tokens seen, and a row is a vector, which Adam's
+# per-entry scaling suits. The lm_head maps into the vocabulary's logits (and here it is wte itself, tied); it
+# trains better with Adam too, which is what modded-nanogpt and nanochat do. Norm gains and biases are vectors, with
+# no matrix to orthogonalise. All of these stay with AdamW, at AdamW's learning rate.
+#
+# The size of a step. U V^T has spectral norm 1 whatever its shape, so the learning rate sets |dW|_2 directly. A
+# layer's update should change its outputs by the same relative amount at any width: that asks for |dW|_2 in
+# proportion to sqrt(out / in) (Yang, Simon & Bernstein 2023, "A spectral condition for feature learning"). Jordan's
+# convention, used here (and the default, adjust_lr_fn="original", of torch.optim.Muon; nanochat's too), scales the
+# step by sqrt(max(1, out / in)): the tall c_fc (4C x C) gets 2x, c_attn (3C x C) sqrt(3)x, square and wide matrices
+# 1x, with lr about 0.02 (--muon-lr). Moonshot's alternative ("Muon is scalable for LLM training", 2025;
+# adjust_lr_fn="match_rms_adamw") scales by 0.2 sqrt(max(out, in)), which gives the step the entry RMS of a typical
+# AdamW step, 0.2 (U V^T alone has 1/sqrt(max(out, in))), so AdamW's learning rate and weight decay carry over. Weight
+# decay is decoupled as in AdamW: W <- W (1 - lr wd) each step.
+#
+# One optimizer object holds both rules, as modded-nanogpt and nanochat do: each param group says which rule it
+# follows ("muon"), so one state_dict goes into the checkpoint, one step() and zero_grad() serve train_step, and the
+# schedule sets every group's lr in one loop: lr_at's warmup and decay, scaled to --muon-lr for the Muon groups.
+# Two optimizers would need both in every place that takes one.
+#
+# Cost: each Newton-Schulz step on an m x n matrix (m <= n) takes 4 m^2 n + 2 m^3 FLOPs, next to the matrix's
+# 6 m n FLOPs per token of forward and backward: under 1% of a GPT-2 step of 2^19 tokens, but about 7% of a CPU step
+# of 4096 tokens on the mini preset. Under DDP the gradients are all-reduced before step(), so every rank
+# orthogonalises the same whole matrix (nanochat's DistMuon shares the matrices out over the ranks instead). Under
+# FSDP a rank holds only some rows of each matrix and X X^T needs all of them: --optimizer muon refuses
+# --parallel fsdp.
+
+MUON_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # Jordan's quintic (a, b, c): p(s) = a s + b s^3 + c s^5
+
+
+def newton_schulz(G, steps=5, coefficients=MUON_COEFFICIENTS, eps=1e-7, dtype=torch.bfloat16):
+    """About U V^T for G = U S V^T (every singular value moved into a band around 1), in `dtype`; G is 2-D."""
+    a, b, c = coefficients
+    tall = G.size(0) > G.size(1)
+    X = G.to(dtype)
+    if tall:
+        X = X.mT  # (in, out): the Gram matrix X X^T is then min(out, in) square
+    X = X / X.norm().clamp(min=eps)  # |X|_2 <= |X|_F = 1: every singular value in [0, 1]
+    for _ in range(steps):
+        A = X @ X.mT
+        B = torch.addmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        X = torch.addmm(X, B, X, beta=a)           # a X + b (X X^T) X + c (X X^T)^2 X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon for the param groups with "muon": True (2-D matrices only), AdamW for the others.
+
+    Muon, per matrix W (out x in) with gradient g and momentum buffer m:
+        m <- momentum m + (1 - momentum) g;   u = (1 - momentum) g + momentum m if nesterov else m
+        W <- W (1 - lr wd) - lr sqrt(max(1, out / in)) newton_schulz(u)
+    AdamW, per tensor, as torch.optim.AdamW computes it (bias-corrected moments, decoupled decay).
+    ns_dtype is the precision of the Newton-Schulz matmuls (a property of the device, not saved with the state)."""
+
+    def __init__(self, params, lr=0.02, weight_decay=0.0, momentum=0.95, nesterov=True, ns_steps=5,
+                 betas=(0.9, 0.95), eps=1e-8, ns_dtype=torch.bfloat16):
+        defaults = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        betas=betas, eps=eps)
+        super().__init__(params, defaults)
+        self.ns_dtype = ns_dtype
+        for group in self.param_groups:
+            if "muon" not in group:
+                raise ValueError("every param group of Muon says which rule it follows: 'muon': True or False")
+            bad = [tuple(p.shape) for p in group["params"] if group["muon"] and p.dim() != 2]
+            if bad:
+                raise ValueError(f"Muon orthogonalises matrices only; these shapes need 'muon': False: {bad}")
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update from every parameter's .grad; closure (torch.optim's signature) recomputes the loss first."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, wd = group["lr"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                p.mul_(1 - lr * wd)  # decoupled weight decay (Loshchilov & Hutter 2019)
+                if group["muon"]:
+                    if not state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    m, mu = state["momentum_buffer"], group["momentum"]
+                    m.lerp_(p.grad, 1 - mu)
+                    u = p.grad.lerp(m, mu) if group["nesterov"] else m
+                    scale = max(1, p.size(0) / p.size(1)) ** 0.5  # sqrt(max(1, out / in)): Jordan's convention
+                    p.add_(newton_schulz(u, group["ns_steps"], dtype=self.ns_dtype), alpha=-lr * scale)
+                else:
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    beta1, beta2 = group["betas"]
+                    state["step"] += 1
+                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                    bias1, bias2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
+                    denom = (state["exp_avg_sq"].sqrt() / bias2 ** 0.5).add_(group["eps"])
+                    p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+        return loss
+
+
+def build_optimizer(model, lr, weight_decay, betas=(0.9, 0.95), device="cpu", optimizer="adamw", muon_lr=0.02,
+                    muon_momentum=0.95):
+    """optimizer="adamw": AdamW with weight decay on matrices (>= 2-D: linear and embedding weights) and none on
+    biases and norm gains, which have no scale to shrink (nanoGPT's choice). Fused on CUDA.
+    optimizer="muon": one Muon optimizer (above) whose groups send the blocks' matrices to Muon at peak lr muon_lr
+    and everything else to its AdamW rule, split as above. Frozen parameters (LoRA) are left out of both."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.device(device).type == "cuda")
+    if optimizer == "adamw":
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.device(device).type == "cuda")
+    if optimizer != "muon":
+        raise TrainError(f"--optimizer {optimizer}: choose adamw or muon")
+    hidden = {id(p) for block in model.transformer.h for p in block.parameters() if p.dim() == 2}
+    # Tied embeddings are one tensor (wte = lm_head) and not in a block: AdamW updates it.
+    groups = [{"params": [p for p in params if id(p) in hidden], "muon": True, "lr": muon_lr,
+               "momentum": muon_momentum},
+              {"params": [p for p in params if p.dim() >= 2 and id(p) not in hidden], "muon": False},
+              {"params": [p for p in params if p.dim() < 2], "muon": False, "weight_decay": 0.0}]
+    return Muon([g for g in groups if g["params"]], lr=lr, weight_decay=weight_decay, betas=betas,
+                ns_dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
+
+
+def describe_optimizer(optimizer):
+    """One line for the start of a run: how many tensors and parameters each update rule takes."""
+    counts = {}
+    for group in optimizer.param_groups:
+        rule = "Muon" if group.get("muon") else "AdamW"
+        tensors, size = counts.get(rule, (0, 0))
+        counts[rule] = (tensors + len(group["params"]), size + sum(p.numel() for p in group["params"]))
+    return "optimizer: " + ", ".join(f"{rule} on {n} tensors ({size:,} parameters)"
+                                     for rule, (n, size) in counts.items())
 
 
 def lr_at(step, cfg):
@@ -239,17 +462,22 @@ def train_step(model, optimizer, micro_batches, rt, grad_clip=1.0, loss_fn=lm_lo
         dist.all_reduce(count)
     total = torch.zeros((), device=rt.device)
     for i, batch in enumerate(micro_batches):
-        # DDP all-reduces gradients inside backward; only the last micro-step needs it (no_sync skips the rest).
+        # DDP all-reduces gradients inside backward, FSDP reduce-scatters them; only the last micro-step needs it
+        # (no_sync, or set_requires_gradient_sync(False), skips the rest: gradients accumulate locally until then).
         last = i == len(micro_batches) - 1
-        with (model.no_sync() if rt.ddp and not last else nullcontext()):
+        if rt.fsdp:
+            model.set_requires_gradient_sync(last)
+        with (model.no_sync() if rt.ddp and not rt.fsdp and not last else nullcontext()):
             with rt.autocast():
                 loss_sum = loss_fn(model, batch)
-            # DDP averages gradients over ranks; * world_size turns that average back into a sum over ranks.
+            # DDP and FSDP average gradients over ranks; * world_size turns that average back into a sum over ranks.
             (loss_sum * (rt.world_size / count)).backward()
         total += loss_sum.detach().float()
     if rt.ddp:
         dist.all_reduce(total)
     loss = (total / count).item()
+    # Under FSDP each gradient is this rank's shard (a DTensor) and the norm comes back as the global one: the
+    # shards' squared norms are summed over the ranks before the square root.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf).item()
     if math.isfinite(loss) and math.isfinite(grad_norm):
         optimizer.step()
@@ -305,15 +533,29 @@ def to_device(batch, rt):
 
 # --- checkpoints ---
 
-CKPT_NAME = re.compile(r"^ckpt_(\d+)\.pt$")
+CKPT_NAME = re.compile(r"^ckpt_(\d+)\.(pt|dcp)$")
 
 
 def list_checkpoints(out_dir):
-    """Checkpoint paths in out_dir, oldest step first. Half-written `.tmp` files never match."""
+    """Checkpoint paths in out_dir, oldest step first: ckpt_<step>.pt files and sharded ckpt_<step>.dcp folders. At
+    one step the .pt comes last, so a file converted from a folder is what the single-file stages find. Half-written
+    `.tmp` names never match."""
     if not os.path.isdir(out_dir):
         return []
-    steps = sorted(int(m.group(1)) for m in map(CKPT_NAME.match, os.listdir(out_dir)) if m)
-    return [os.path.join(out_dir, f"ckpt_{s:06d}.pt") for s in steps]
+    found = sorted((int(m.group(1)), m.group(2)) for m in map(CKPT_NAME.match, os.listdir(out_dir)) if m)
+    return [os.path.join(out_dir, f"ckpt_{step:06d}.{kind}") for step, kind in found]
+
+
+def is_sharded(path):
+    """A checkpoint folder written by torch.distributed.checkpoint (DCP): its index is the .metadata file."""
+    return os.path.isfile(os.path.join(path, ".metadata"))
+
+
+def remove_checkpoint(path):
+    if os.path.isdir(path):
+        shutil.rmtree(path)
+    else:
+        os.remove(path)
 
 
 def rng_states():
@@ -332,6 +574,42 @@ def set_rng_states(states):
         torch.cuda.set_rng_state(state, i)
 
 
+def write_plain(path, ckpt):
+    """torch.save under a temporary name, flushed to disk, then renamed: a crash mid-write leaves a stray `.tmp`."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(ckpt, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_sharded(path, model, optimizer, rest):
+    """Save with torch.distributed.checkpoint (DCP) into the folder `path`, from every rank at once: each rank writes
+    the shards it holds (__<rank>_0.distcp), rank 0 the .metadata index (which rows of which tensor lie where) and
+    `rest`, the plain values of the checkpoint, as meta.pt. Any number of ranks loads it back, each reading the
+    rows its own shards need (load_state): the layout that saved it does not matter. Written as path.tmp, renamed
+    once every rank is done. From one plain process it writes a one-shard folder (convert_checkpoint)."""
+    master, tmp = int(os.environ.get("RANK", 0)) == 0, path + ".tmp"
+    if master and os.path.exists(tmp):
+        shutil.rmtree(tmp)  # a crashed save's leftovers, perhaps of another number of ranks
+    if dist.is_initialized():
+        dist.barrier()
+    model_state, optim_state = get_state_dict(model, optimizer)  # keyed by parameter name; DTensor shards in FSDP
+    with warnings.catch_warnings():  # one plain process (--convert): DCP warns it has no process group, as intended
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp)
+    if master:
+        write_plain(os.path.join(tmp, "meta.pt"), rest)
+        if os.path.exists(path):
+            shutil.rmtree(path)  # the same step saved again, by a run resumed from an older checkpoint
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()  # no rank reads or prunes before the folder is complete
+    return path
+
+
 def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_last=2, **extra):
     """Write out_dir/ckpt_<step>.pt atomically and delete all but the newest keep_last; return its path.
 
@@ -339,31 +617,44 @@ def save_checkpoint(out_dir, step, model, optimizer, config, loader_state, keep_
     a temporary name, flushed to disk, then renamed: a crash mid-write leaves only a stray `.tmp`, and the
     previous checkpoint stays the newest complete one. Everything is a tensor or a plain Python value, so
     load_checkpoint can use torch.load(weights_only=True), which runs no pickled code.
+    A model sharded by FSDP is saved as the folder ckpt_<step>.dcp instead (write_sharded), and then every rank
+    calls this; otherwise rank 0 alone does.
     """
     if keep_last < 1:
         raise ValueError(f"keep_last={keep_last}: keep at least the checkpoint being saved")
-    ckpt = {"step": step, "model": model.state_dict(), "model_config": asdict(model.config),
-            "optimizer": optimizer.state_dict(), "config": asdict(config), "loader": loader_state,
+    rest = {"step": step, "model_config": asdict(model.config), "config": asdict(config), "loader": loader_state,
             "rng": rng_states(), **extra}
-    path = os.path.join(out_dir, f"ckpt_{step:06d}.pt")
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(ckpt, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    for old in list_checkpoints(out_dir)[:-keep_last]:  # keep_last >= 1: [:-0] would keep them all
-        os.remove(old)
+    if isinstance(model, FSDPModule):
+        path = write_sharded(os.path.join(out_dir, f"ckpt_{step:06d}.dcp"), model, optimizer, rest)
+    else:
+        path = write_plain(os.path.join(out_dir, f"ckpt_{step:06d}.pt"),
+                           {**rest, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    if int(os.environ.get("RANK", 0)) == 0:
+        for old in list_checkpoints(out_dir)[:-keep_last]:  # keep_last >= 1: [:-0] would keep them all
+            remove_checkpoint(old)
     return path
 
 
-def load_checkpoint(path):
-    """The checkpoint dict, tensors on the CPU. `path` may be a run folder: its newest checkpoint."""
-    if os.path.isdir(path):
+def find_checkpoint(path):
+    """path itself, or for a run folder its newest checkpoint."""
+    if os.path.isdir(path) and not is_sharded(path):
         found = list_checkpoints(path)
         if not found:
-            raise TrainError(f"{path} holds no checkpoint (ckpt_<step>.pt)")
-        path = found[-1]
+            raise TrainError(f"{path} holds no checkpoint (ckpt_<step>.pt or ckpt_<step>.dcp)")
+        return found[-1]
+    return path
+
+
+def load_checkpoint(path, sharded_ok=False):
+    """The checkpoint dict, tensors on the CPU. `path` may be a run folder: its newest checkpoint.
+    A sharded folder is refused with the command that converts it, unless sharded_ok: then the dict holds
+    everything but "model" and "optimizer", which load_state reads into a model and optimizer."""
+    path = find_checkpoint(path)
+    if is_sharded(path):
+        if not sharded_ok:
+            raise TrainError(f"{path} is a sharded checkpoint (--parallel fsdp); convert it to the single file this "
+                             f"stage reads with: python train.py --convert {path}")
+        path = os.path.join(path, "meta.pt")
     if not os.path.isfile(path):
         raise TrainError(f"checkpoint {path} does not exist")
     try:
@@ -372,11 +663,59 @@ def load_checkpoint(path):
         raise TrainError(f"cannot read checkpoint {path}: {e}".splitlines()[0]) from None
 
 
+def load_state(path, ckpt, model, optimizer):
+    """Load checkpoint `path` (its dict `ckpt` from load_checkpoint) into model and optimizer, whatever the two
+    layouts: a .pt file or a sharded folder, into a plain model or one sharded by FSDP over any number of ranks."""
+    if is_sharded(path):
+        # The target's own state dict says what this rank holds; DCP fills it in place from whichever files hold
+        # those rows, so a checkpoint of 2 ranks loads on 1 or 8.
+        model_state, optim_state = get_state_dict(model, optimizer)
+        state = {"model": model_state, "optimizer": optim_state}
+        with warnings.catch_warnings():  # as in write_sharded
+            warnings.filterwarnings("ignore", "torch.distributed is disabled")
+            dcp.load(state, checkpoint_id=path)
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    elif isinstance(model, FSDPModule):
+        # One file into shards: each rank keeps its rows of the full tensors. optimizer.state_dict() numbers the
+        # parameters in param-group order (which fully_shard keeps), DCP's functions name them.
+        names = {p: name for name, p in model.named_parameters()}
+        order = [names[p] for group in optimizer.param_groups for p in group["params"]]
+        saved = ckpt["optimizer"]
+        by_name = {"state": {order[i]: s for i, s in saved["state"].items()},
+                   "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]]}
+        set_state_dict(model, optimizer, model_state_dict=ckpt["model"], optim_state_dict=by_name,
+                       options=StateDictOptions(full_state_dict=True))
+    else:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+
+
 def model_from_checkpoint(ckpt, **overrides):
     """The GPT saved in a checkpoint dict (on the CPU); overrides change runtime-only fields such as attn."""
     model = GPT(GPTConfig(**{**ckpt["model_config"], **overrides}))
     model.load_state_dict(ckpt["model"])
     return model
+
+
+def convert_checkpoint(path):
+    """A sharded checkpoint folder ckpt_<step>.dcp -> the single file ckpt_<step>.pt beside it, which every later
+    stage loads; a .pt file -> a .dcp folder. Returns the new path. One process rebuilds the model and optimizer,
+    loads the checkpoint into them and saves the other layout: the file numbers the optimizer's parameters where
+    DCP names them, and only a live optimizer knows both (format_utils.dcp_to_torch_save would keep the names,
+    which optimizer.load_state_dict cannot read). Either kind resumes a run on any number of ranks."""
+    path = find_checkpoint(path).rstrip("/")
+    target = os.path.splitext(path)[0] + (".pt" if is_sharded(path) else ".dcp")
+    if os.path.exists(target):
+        raise TrainError(f"--convert {path}: {target} exists already; move it away to convert again")
+    ckpt = load_checkpoint(path, sharded_ok=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    # The same groups as the run's optimizer; their lr, betas and decay come from the saved param groups.
+    optimizer = build_optimizer(model, lr=1.0, weight_decay=0.0, optimizer=ckpt["config"].get("optimizer", "adamw"))
+    load_state(path, ckpt, model, optimizer)
+    rest = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    if is_sharded(path):
+        return write_plain(target, {**rest, "model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    return write_sharded(target, model, optimizer, rest)
 
 
 # --- Ctrl-C ---
@@ -391,8 +730,8 @@ def interrupted(script, argv, out_dir=None, resumable=True):
     argv, line, checkpoints = list(sys.argv[1:] if argv is None else argv), "interrupted", []
     if out_dir and os.path.isdir(out_dir):
         for name in os.listdir(out_dir):
-            if name.endswith(".tmp"):
-                os.remove(os.path.join(out_dir, name))
+            if name.endswith(".tmp") and int(os.environ.get("RANK", 0)) == 0:  # once, not by every rank at once
+                remove_checkpoint(os.path.join(out_dir, name))
         try:
             logged = read_metrics(out_dir)
         except (TrainError, ValueError):  # no metrics yet, or a last line cut short
@@ -566,7 +905,10 @@ def format_eta(seconds):
 def main(cfg):
     """Pretrain a GPT as cfg says; returns a summary dict (final val loss and bpb, params, paths)."""
     # --- setup ---
-    rt = setup_runtime(cfg.device, cfg.dtype, cfg.threads)
+    if cfg.optimizer == "muon" and cfg.parallel == "fsdp":  # Newton-Schulz needs whole matrices, FSDP holds rows
+        raise TrainError("--optimizer muon needs each matrix whole on every rank and --parallel fsdp shards them: "
+                         "use --parallel ddp with muon, or --optimizer adamw with fsdp")
+    rt = setup_runtime(cfg.device, cfg.dtype, cfg.threads, cfg.parallel)
     cfg = derive(cfg, rt)
     if os.path.exists(cfg.out_dir) and not os.path.isdir(cfg.out_dir):
         raise TrainError(f"--out-dir {cfg.out_dir} is a file; give a folder")
@@ -575,7 +917,7 @@ def main(cfg):
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    print0(f"device {rt.device} x {rt.world_size}, dtype {str(rt.dtype).removeprefix('torch.')}, "
+    print0(f"device {rt.device} x {rt.world_size} ({cfg.parallel}), dtype {str(rt.dtype).removeprefix('torch.')}, "
            f"compile {cfg.compile}, preset {cfg.preset}, {torch.get_num_threads()} threads")
 
     # --- data ---
@@ -606,12 +948,16 @@ def main(cfg):
 
     # --- model ---
     model_config = build_model_config(cfg, meta["vocab_size"], rt.device_type)
-    raw_model = GPT(model_config).to(rt.device)  # the plain module: saved, sampled from, never wrapped
+    raw_model = GPT(model_config).to(rt.device)  # the module that is saved: never wrapped (under FSDP: sharded)
     raw_model.grad_checkpointing = cfg.grad_checkpointing
     print0(f"model: {raw_model.num_params():,} parameters, {raw_model.flops_per_token(T):,} FLOPs/token")
+    if rt.fsdp:
+        shard_model(raw_model, rt, cfg.compile)  # in place: each parameter now holds this rank's rows
 
     # --- optimizer ---
-    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), rt.device)
+    optimizer = build_optimizer(raw_model, cfg.lr, cfg.weight_decay, (cfg.beta1, cfg.beta2), rt.device,
+                                cfg.optimizer, cfg.muon_lr, cfg.muon_momentum)
+    print0(describe_optimizer(optimizer))
     start_step, resume_path = 0, cfg.resume
     if resume_path == "auto":
         found = list_checkpoints(cfg.out_dir)
@@ -619,10 +965,14 @@ def main(cfg):
         if not found:
             print0(f"--resume auto: no checkpoint in {cfg.out_dir}, starting fresh")
     if resume_path:
-        ckpt = load_checkpoint(resume_path)
+        resume_path = find_checkpoint(resume_path)
+        ckpt = load_checkpoint(resume_path, sharded_ok=True)  # any layout resumes on any number of ranks
         check_resume(ckpt, resume_path, model_config, meta["tokenizer_hash"], cfg.data_dir)
-        raw_model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        saved_optimizer = ckpt["config"].get("optimizer", "adamw")  # checkpoints before --optimizer: AdamW
+        if saved_optimizer != cfg.optimizer:  # their param groups and state do not fit each other
+            raise TrainError(f"cannot resume {resume_path}: it was trained with --optimizer {saved_optimizer} but "
+                             f"this run has --optimizer {cfg.optimizer}; pass the same or a new --out-dir")
+        load_state(resume_path, ckpt, raw_model, optimizer)
         train_loader.load_state_dict(ckpt["loader"])
         set_rng_states(ckpt["rng"])
         start_step = ckpt["step"]
@@ -637,14 +987,14 @@ def main(cfg):
         if not resume_path and list_checkpoints(cfg.out_dir):
             print0(f"fresh run: deleting the checkpoints of an earlier run in {cfg.out_dir}")
             for old in list_checkpoints(cfg.out_dir):
-                os.remove(old)
+                remove_checkpoint(old)
         for name in ("summary.json", "eval.json"):  # written again once this run is complete (eval.json by eval.py)
             if os.path.exists(os.path.join(cfg.out_dir, name)):
                 os.remove(os.path.join(cfg.out_dir, name))
         with open(metrics_path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-    model = torch.compile(raw_model) if cfg.compile else raw_model
-    if rt.ddp:
+    model = torch.compile(raw_model) if cfg.compile and not rt.fsdp else raw_model  # FSDP: blocks compiled above
+    if rt.ddp and not rt.fsdp:
         model = DDP(model, device_ids=[rt.local_rank] if rt.device_type == "cuda" else None)
 
     # --- loop ---
@@ -657,7 +1007,7 @@ def main(cfg):
         t0 = time.time()
         lr = lr_at(step, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * cfg.muon_lr / cfg.lr if group.get("muon") else lr  # Muon's peak: --muon-lr
         micro_batches = [to_device(train_loader.next_batch(), rt) for _ in range(accum)]
         loss, grad_norm = train_step(model, optimizer, micro_batches, rt, cfg.grad_clip)
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -693,7 +1043,7 @@ def main(cfg):
                 if is_eval:
                     plot_runs([cfg.out_dir], os.path.join(cfg.out_dir, "loss.png"))
         if done % cfg.save_every == 0 or done == cfg.max_steps or done == cfg.stop_at:
-            if rt.master:
+            if rt.master or rt.fsdp:  # a sharded checkpoint is written by every rank
                 save_checkpoint(cfg.out_dir, done, raw_model, optimizer, cfg, train_loader.state_dict(),
                                 cfg.keep_last, tokenizer_hash=meta["tokenizer_hash"])
             saved_at = done
@@ -703,16 +1053,25 @@ def main(cfg):
     done = step + 1 if cfg.max_steps > start_step else start_step
 
     # --- save ---
-    if rt.master and saved_at != done:
+    if (rt.master or rt.fsdp) and saved_at != done:
         save_checkpoint(cfg.out_dir, done, raw_model, optimizer, cfg, train_loader.state_dict(), cfg.keep_last,
                         tokenizer_hash=meta["tokenizer_hash"])
     if evaluated_at != done:
         val_loss = evaluate(model, val_batches, rt)
         val_bpb = bits_per_byte(val_loss, val_batches, token_bytes, rt)
     print0(f"done: {done} steps, val loss {val_loss:.4f}, val bpb {val_bpb:.4f}; checkpoints in {cfg.out_dir}")
+    if rt.fsdp:
+        print0(f"the checkpoints are sharded: python train.py --convert {list_checkpoints(cfg.out_dir)[-1]} writes "
+               f"the single file that sft.py, eval.py and the other stages read")
+    sampler = raw_model
+    if rt.fsdp and cfg.samples > 0:  # sample from a whole copy on rank 0; gathering it takes every rank
+        full = get_model_state_dict(raw_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rt.master:
+            sampler = GPT(model_config).to(rt.device)
+            sampler.load_state_dict(full)
     if rt.master and cfg.samples > 0:
         start = torch.full((cfg.samples, 1), tokenizer.eot_id, dtype=torch.long, device=rt.device)
-        out = raw_model.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
+        out = sampler.generate(start, cfg.sample_tokens, temperature=0.8, top_k=50, seed=cfg.seed)
         for i, row in enumerate(out.tolist()):
             print0(f"--- sample {i + 1} ---\n{tokenizer.decode(row[1:])}")  # never a padding id (GPT.generate)
     if rt.master and done == cfg.max_steps:  # a complete run: the next stage and the report read this
@@ -804,11 +1163,15 @@ def cli(argv=None):
                         "into loss_compare.png and exit")
     parser.add_argument("--sweep", nargs="?", const=5e12, type=float, metavar="FLOPS",
                         help="train a few sizes on this FLOPs budget (default 5e12: minutes on a CPU), fit a power law")
+    parser.add_argument("--convert", metavar="CKPT", help="convert a sharded checkpoint folder (ckpt_<step>.dcp) to "
+                        "the single file ckpt_<step>.pt beside it, or a .pt file to a .dcp folder, and exit")
     args = parser.parse_args(argv)
     cfg = config_from_args(TrainConfig, args)
     try:
         if args.plot:
             print(f"wrote {plot_runs(args.plot, 'loss_compare.png')}")
+        elif args.convert:
+            print(f"wrote {convert_checkpoint(args.convert)}")
         elif args.sweep:
             sweep(cfg, args.sweep)
         else:
@@ -817,7 +1180,8 @@ def cli(argv=None):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(getattr(e, "status", 2))
     except KeyboardInterrupt:
-        interrupted("train.py", argv, None if args.plot else cfg.out_dir, resumable=not (args.plot or args.sweep))
+        interrupted("train.py", argv, None if args.plot or args.convert else cfg.out_dir,
+                    resumable=not (args.plot or args.sweep or args.convert))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -1,15 +1,18 @@
 """Tests for train.py: python -m pytest -q tests/test_train.py
 
 The step (overfitting, accumulation, DDP on 2 CPU processes with gloo), the schedules, checkpoints
-(atomic saves, exact resume after a stop and after kill -9), a diverging run, bad input, and the
-command line end to end. Everything runs on the CPU on a tiny dataset that data.prepare builds from
-a few standard-library files, with a tiny vocabulary.
+(atomic saves, exact resume after a stop and after kill -9), a diverging run, bad input, the
+command line end to end, Muon (against torch.optim.Muon, Newton-Schulz, the split, exact resume),
+and FSDP (2 gloo processes: equivalence, memory per rank, sharded checkpoints resumed on another
+number of ranks, conversion to one file and back). Everything runs on the CPU on a tiny dataset
+that data.prepare builds from a few standard-library files, with a tiny vocabulary.
 """
 import json
 import math
 import os
 import signal
 import socket
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -18,14 +21,17 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import data  # noqa: E402
+import sft  # noqa: E402
 import train  # noqa: E402
-from model import GPT, config_from_preset  # noqa: E402
+from model import GPT, GPTConfig, config_from_preset  # noqa: E402
 
 # A run small enough for a test: the tiny preset on 4 x 32 tokens per step.
 TINY = dict(preset="tiny", batch_size=4, seq_len=32, eval_batches=2, log_every=1, eval_every=100, save_every=100,
@@ -517,3 +523,309 @@ def test_sweep_fits_a_power_law_and_plots_it(data_dir, tmp_path):
     slope, scale = train.sweep(tiny_cfg(data_dir, tmp_path), 2e9, sizes=sizes)
     assert slope < 0 and scale > 0
     assert os.path.getsize(tmp_path / "sweep" / "scaling.png") > 0
+
+
+# --- Muon ---
+
+MUON_SHAPES = [(32, 32), (64, 16), (16, 64)]  # square, tall (out > in: its step is scaled by 2), wide
+
+
+def muon_pair(shape, ns_dtype, nesterov=True, steps=4, seed=0):
+    """The same matrix after `steps` steps of train.Muon and of torch.optim.Muon on the same random gradients, with
+    torch's lr-adjustment convention "original" (Keller Jordan's sqrt(max(1, out / in)), torch's default)."""
+    g = torch.Generator().manual_seed(seed)
+    start = torch.randn(shape, generator=g) * 0.1
+    ours, theirs = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt = train.Muon([{"params": [ours], "muon": True}], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
+                     ns_dtype=ns_dtype)
+    ref = torch.optim.Muon([theirs], lr=0.02, weight_decay=0.1, momentum=0.95, nesterov=nesterov,
+                           adjust_lr_fn="original")
+    for _ in range(steps):
+        grad = torch.randn(shape, generator=g)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        opt.step()
+        ref.step()
+    return start, ours.detach(), theirs.detach()
+
+
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("shape", MUON_SHAPES)
+def test_muon_equals_torch_optim_muon_bitwise_in_bfloat16(shape, nesterov):
+    # torch.optim.Muon runs Newton-Schulz in bfloat16; ours, given that dtype, does the same operations in the same
+    # order (momentum lerp, Nesterov lerp, Frobenius scaling, the addmm's, decay then step), so the floats match.
+    _, ours, theirs = muon_pair(shape, torch.bfloat16, nesterov)
+    assert torch.equal(ours, theirs), (ours - theirs).abs().max()
+
+
+@pytest.mark.parametrize("shape", MUON_SHAPES)
+def test_muon_in_float32_on_the_cpu_moves_the_weights_as_torchs_bfloat16_does(shape):
+    # The CPU path iterates in float32. bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 ~ 0.2%), compounded
+    # over 5 iterations of 3 matmuls: the steps differ by about 1% (measured 0.9-1.2%); 3% leaves room, while a wrong
+    # lr scale (2x on the tall shape), a missing decay or momentum would be off by far more.
+    start, ours, theirs = muon_pair(shape, torch.float32)
+    assert (ours - theirs).norm() / (theirs - start).norm() < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(64, 16), (16, 64), (96, 32)])
+def test_newton_schulz_leaves_the_singular_vectors_and_moves_the_singular_values_near_1(shape, dtype):
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(shape[0], 1, generator=g), torch.randn(1, shape[1], generator=g)
+    G = torch.randn(shape, generator=g) + 3 * u @ v  # gradient-like: noise and one direction ~10x stronger
+    out = train.newton_schulz(G, dtype=dtype).float()
+    s = torch.linalg.svdvals(out)
+    # Jordan's quintic does not converge to 1: measured 0.68-1.14 over 20 seeds in both dtypes
+    assert 0.65 < s.min() and s.max() < 1.2, (s.min(), s.max())
+    # exactly U p(p(...p(S/|G|_F))) V^T: the polynomial acts on each singular value alone
+    U, S, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    x, (a, b, c) = S / G.double().norm(), train.MUON_COEFFICIENTS
+    for _ in range(5):
+        x = a * x + b * x**3 + c * x**5
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), U @ torch.diag(x) @ Vh, rtol=0, atol=1e-5)
+
+
+def test_muons_adamw_groups_step_as_torch_optim_adamw():
+    g = torch.Generator().manual_seed(0)
+    params = [torch.randn(16, 8, generator=g), torch.randn(8, generator=g)]
+    ours, theirs = [torch.nn.Parameter(p.clone()) for p in params], [torch.nn.Parameter(p.clone()) for p in params]
+    opt = train.Muon([{"params": ours[:1], "muon": False, "weight_decay": 0.1},
+                      {"params": ours[1:], "muon": False, "weight_decay": 0.0}], lr=3e-3, betas=(0.9, 0.95))
+    ref = torch.optim.AdamW([{"params": theirs[:1], "weight_decay": 0.1}, {"params": theirs[1:], "weight_decay": 0.0}],
+                            lr=3e-3, betas=(0.9, 0.95))
+    for _ in range(5):
+        for a, b in zip(ours, theirs):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt.step()
+        ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)  # the same formula: equal up to float rounding
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_muon_takes_the_blocks_matrices_and_adamw_every_other_parameter_once(tied):
+    torch.manual_seed(0)
+    model = GPT(config_from_preset("tiny", vocab_size=64, block_size=16, tie_embeddings=tied))
+    opt = train.build_optimizer(model, lr=3e-3, weight_decay=0.1, optimizer="muon", muon_lr=0.02)
+    names = {id(p): name for name, p in model.named_parameters()}
+    placed = [(names[id(p)], group["muon"]) for group in opt.param_groups for p in group["params"]]
+    assert sorted(n for n, _ in placed) == sorted(names.values())  # each parameter once, none left out
+    muon = {n for n, m in placed if m}
+    assert muon == {n for n, p in model.named_parameters() if n.startswith("transformer.h.") and p.dim() == 2}
+    assert not muon & {"transformer.wte.weight", "transformer.wpe.weight", "lm_head.weight"}
+    assert ("lm_head.weight" in names.values()) == (not tied)  # untied: a tensor of its own, with AdamW
+    assert [group["lr"] for group in opt.param_groups] == [0.02, 3e-3, 3e-3]  # Muon's own peak, then AdamW's
+    assert train.describe_optimizer(opt).startswith("optimizer: Muon on 8 tensors (")
+
+
+def test_resume_with_muon_continues_bitwise(data_dir, tmp_path, capsys):
+    # In one process, unlike the AdamW test above: main restores every RNG state from the checkpoint anyway.
+    common = dict(max_steps=8, save_every=4, dropout=0.1, optimizer="muon")  # dropout: the RNG states matter too
+    train.main(tiny_cfg(data_dir, tmp_path / "straight", **common))
+    out = capsys.readouterr().out
+    assert "optimizer: Muon on 8 tensors" in out and "AdamW on" in out
+    reference = losses(tmp_path / "straight")
+    assert len(set(reference.values())) == 8 and reference[8] < reference[1] - 0.5  # it trains
+    train.main(tiny_cfg(data_dir, tmp_path / "stopped", **common, stop_at=4))
+    assert train.load_checkpoint(str(tmp_path / "stopped"))["optimizer"]["state"]  # momentum buffers and moments
+    train.main(tiny_cfg(data_dir, tmp_path / "stopped", **common, resume="auto"))
+    assert "resumed from" in capsys.readouterr().out
+    assert steps_logged(tmp_path / "stopped") == list(range(1, 9)) and losses(tmp_path / "stopped") == reference
+
+
+def test_muon_refuses_fsdp_in_one_line(data_dir, tmp_path, capsys):
+    expect_error(cli_args(data_dir, tmp_path / "run", optimizer="muon", parallel="fsdp"), capsys,
+                 "--optimizer muon", "--parallel fsdp")
+    expect_error(["--optimizer", "sgd"], capsys, "sgd")
+
+
+def test_resume_refuses_a_muon_checkpoint_under_adamw(data_dir, tmp_path, capsys):
+    train.main(tiny_cfg(data_dir, tmp_path / "run", max_steps=2, optimizer="muon"))
+    expect_error(cli_args(data_dir, tmp_path / "run", max_steps=4, resume="auto"), capsys,
+                 "--optimizer muon", "--optimizer adamw")
+
+
+# --- FSDP ---
+
+def held_bytes(tensors):
+    """Bytes of memory these tensors hold on this process: of a DTensor its local shard, each storage once."""
+    storages = {}
+    for t in tensors:
+        local = t.to_local() if isinstance(t, DTensor) else t
+        storages[local.untyped_storage().data_ptr()] = local.untyped_storage().nbytes()
+    return sum(storages.values())
+
+
+def adam_moments(optimizer):
+    return [v for state in optimizer.state.values() for v in state.values() if v.dim() > 0]  # not the step counts
+
+
+def _fsdp_worker(rank, world_size, port, batches, plain_path, out_path):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    rt = train.setup_runtime("cpu", parallel="fsdp")
+    model = train.shard_model(tiny_model(), rt)
+    opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    per_rank = len(batches) // world_size
+    mine = batches[rank * per_rank:(rank + 1) * per_rank]  # 2 micro-steps each: the reduce-scatter only after the 2nd
+    synced = []  # before each micro-step's forward: has a reduce-scatter handed this rank its gradient shards yet?
+
+    def watched_loss(m, batch):
+        synced.append(any(p.grad is not None for p in m.parameters()))
+        return train.lm_loss(m, batch)
+    losses = [train.train_step(model, opt, mine, rt, loss_fn=watched_loss) for _ in range(2)]
+    held = {"params": held_bytes(model.parameters()), "adam": held_bytes(adam_moments(opt))}
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)  # gathered onto rank 0's CPU
+    trained = get_state_dict(model, opt, options=full)
+    plain = torch.load(plain_path, weights_only=True)  # a single-file checkpoint, as DDP and one process save it
+    train.load_state(plain_path, plain, model, opt)
+    loaded = get_state_dict(model, opt, options=full)
+    torch.save({"losses": losses, "synced": synced, "held": held, "trained": trained, "loaded": loaded},
+               f"{out_path}.{rank}")
+    torch.distributed.destroy_process_group()
+    open(f"{out_path}.done{rank}", "w").close()
+
+
+@pytest.fixture(scope="module")
+def fsdp_ranks(tmp_path_factory):
+    """Two FSDP ranks on gloo, each 2 steps of 2 micro-batches (the DDP test's batches), then a single-file checkpoint
+    loaded into their shards: (batches, that checkpoint, what each rank reported)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    batches = [masked_batch(B=2, T=16, seed=s) for s in range(4)]
+    batches[3] = (batches[3][0], torch.full_like(batches[3][1], -1).index_fill_(1, torch.tensor([0]), 5))  # 2 targets
+    other = tiny_model(seed=1)
+    opt = train.build_optimizer(other, lr=1e-2, weight_decay=0.1)
+    train.train_step(other, opt, batches[:1], CPU)
+    plain = {"model": other.state_dict(), "optimizer": opt.state_dict()}
+    torch.save(plain, tmp / "plain.pt")
+    out = tmp / "rank"
+    try:
+        mp.spawn(_fsdp_worker, args=(2, _free_port(), batches, str(tmp / "plain.pt"), str(out)), nprocs=2, join=True)
+    except mp.ProcessExitedException as e:  # the gloo teardown abort, accepted as in the DDP test
+        if e.signal_name != TEARDOWN_ABORT or not all(os.path.exists(f"{out}.done{r}") for r in range(2)):
+            raise
+    return batches, plain, [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
+
+
+def test_fsdp_on_two_processes_equals_one_process_with_accumulation(fsdp_ranks):
+    batches, _, ranks = fsdp_ranks
+    ref = tiny_model()
+    opt = train.build_optimizer(ref, lr=1e-2, weight_decay=0.1)
+    ref_losses = [train.train_step(ref, opt, batches, CPU) for _ in range(2)]
+    for rank in ranks:
+        for (loss, norm), (ref_loss, ref_norm) in zip(rank["losses"], ref_losses):
+            assert loss == pytest.approx(ref_loss, rel=1e-5) and norm == pytest.approx(ref_norm, rel=1e-4)
+        assert rank["synced"] == [False, False] * 2  # no gradient travelled before the last micro-step of a step
+    for name, p in ref.state_dict().items():
+        torch.testing.assert_close(ranks[0]["trained"][0][name], p, rtol=0, atol=1e-4, msg=name)  # see the DDP test
+
+
+def test_fsdp_each_rank_holds_half_the_parameters_and_optimizer_state(fsdp_ranks):
+    _, _, ranks = fsdp_ranks
+    model = tiny_model()
+    opt = train.build_optimizer(model, lr=1e-2, weight_decay=0.1)
+    train.train_step(model, opt, [masked_batch()], CPU)
+    whole = {"params": held_bytes(model.parameters()), "adam": held_bytes(adam_moments(opt))}
+    assert whole["adam"] == 2 * whole["params"]  # AdamW's two moments, fp32 like the weights
+    for key, total in whole.items():
+        held = [rank["held"][key] for rank in ranks]
+        assert all(0.45 * total < h < 0.55 * total for h in held), (key, held, total)
+        assert total <= sum(held) < 1.05 * total, (key, held, total)  # rows split, padded up to equal shards
+
+
+def test_a_single_file_checkpoint_loads_into_fsdp_shards(fsdp_ranks):
+    _, plain, ranks = fsdp_ranks
+    model_state, optim_state = ranks[0]["loaded"]  # gathered back from the shards the file was loaded into
+    for name, p in plain["model"].items():
+        assert torch.equal(model_state[name], p), name
+    # optimizer.state_dict() numbers the parameters in param-group order; the gathered state names them
+    model = tiny_model()
+    names = {p: n for n, p in model.named_parameters()}
+    order = [names[p] for g in train.build_optimizer(model, lr=0.0, weight_decay=0.0).param_groups for p in g["params"]]
+    assert len(plain["optimizer"]["state"]) == len(order) == len(optim_state["state"])
+    for i, name in enumerate(order):
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(optim_state["state"][name][key], plain["optimizer"]["state"][i][key]), (name, key)
+
+
+def torchrun_two(args, steps):
+    """train.py on 2 CPU processes under torchrun; accepts the gloo teardown abort once the run is shown complete."""
+    result = run_cli(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                      f"--master_port={_free_port()}", "train.py", *args])
+    finished = result.stdout.count(f"done: {steps} steps") == 1
+    teardown_abort = f"({TEARDOWN_ABORT})" in result.stderr and finished
+    assert result.returncode == 0 or teardown_abort, result.stdout[-1500:] + "\n--- stderr ---\n" + result.stderr[:4000]
+    assert finished
+    return result
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory):
+    """A 2-rank FSDP run: 6 steps of 512 tokens (4 x 32 x 2 ranks x 2 micro-steps), sharded checkpoints at 3 and 6."""
+    out = tmp_path_factory.mktemp("fsdp_run") / "run"
+    torchrun_two(cli_args(data_dir, out, max_steps=6, save_every=3, total_batch_tokens=512, parallel="fsdp"), 6)
+    return out
+
+
+def test_fsdp_checkpoint_resumes_on_one_process_and_bitwise_on_two_ranks(fsdp_run, data_dir, tmp_path):
+    names = [os.path.basename(p) for p in train.list_checkpoints(str(fsdp_run))]
+    assert names == ["ckpt_000003.dcp", "ckpt_000006.dcp"]
+    shards = fsdp_run / "ckpt_000003.dcp"
+    assert sorted(os.listdir(shards)) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]  # a file per rank
+    reference = losses(fsdp_run)
+    # One plain process reads both ranks' shards and continues with 4 micro-steps where the ranks did 2 x 2.
+    train.main(tiny_cfg(data_dir, tmp_path / "one", max_steps=6, total_batch_tokens=512, resume=str(shards)))
+    one = losses(tmp_path / "one")
+    assert sorted(one) == [4, 5, 6] and all(one[s] == pytest.approx(reference[s], rel=1e-5) for s in one)
+    assert [os.path.basename(p) for p in train.list_checkpoints(str(tmp_path / "one"))] == ["ckpt_000006.pt"]
+    # The same 2 ranks continue exactly as the uninterrupted run did.
+    torchrun_two(cli_args(data_dir, tmp_path / "two", max_steps=6, total_batch_tokens=512, parallel="fsdp",
+                          resume=str(shards)), 6)
+    assert losses(tmp_path / "two") == {s: reference[s] for s in (4, 5, 6)}  # bitwise: the floats compare equal
+
+
+def plain_copy(path):
+    """A plain model and optimizer with checkpoint `path` (a .pt or a .dcp) loaded into them, and its dict."""
+    ckpt = train.load_checkpoint(path, sharded_ok=True)
+    model = GPT(GPTConfig(**ckpt["model_config"]))
+    optimizer = train.build_optimizer(model, lr=0.0, weight_decay=0.0)
+    train.load_state(path, ckpt, model, optimizer)
+    return model, optimizer, ckpt
+
+
+def test_fsdp_checkpoint_converts_to_one_file_and_back(fsdp_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_run, run)  # the fixture's run stays as it was for the other tests
+    with pytest.raises(train.TrainError, match="--convert"):  # the stages that read one file say what to do
+        train.load_checkpoint(str(run))
+    converted = run_cli(["train.py", "--convert", str(run / "ckpt_000006.dcp")])
+    assert converted.returncode == 0 and str(run / "ckpt_000006.pt") in converted.stdout, converted.stderr
+    ckpt = train.load_checkpoint(str(run))  # the run folder's newest is now the file, beside its folder
+    assert ckpt["step"] == 6 and ckpt["config"]["parallel"] == "fsdp" and set(ckpt["rng"]) == {"python", "numpy",
+                                                                                                "torch", "cuda"}
+    sharded, sharded_opt, meta = plain_copy(str(run / "ckpt_000006.dcp"))
+    assert ckpt["loader"] == meta["loader"] and ckpt["step"] == meta["step"]
+    for name, p in sharded.state_dict().items():
+        assert torch.equal(ckpt["model"][name], p), name
+    assert ckpt["optimizer"]["param_groups"] == sharded_opt.state_dict()["param_groups"]
+    model, _, _, _ = sft.load_base(str(run / "ckpt_000006.pt"))  # the next stage's loader takes it
+    for name, p in model.transformer.h.state_dict().items():
+        assert torch.equal(p, ckpt["model"][f"transformer.h.{name}"]), name
+
+    back = tmp_path / "back"
+    back.mkdir()
+    shutil.copy(run / "ckpt_000006.pt", back / "ckpt_000006.pt")
+    assert train.convert_checkpoint(str(back / "ckpt_000006.pt")) == str(back / "ckpt_000006.dcp")
+    again, again_opt, _ = plain_copy(str(back / "ckpt_000006.dcp"))
+    for name, p in again.state_dict().items():
+        assert torch.equal(ckpt["model"][name], p), name
+    for i, state in ckpt["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(again_opt.state_dict()["state"][i][key], value), (i, key)
+    expect_error(["--convert", str(back / "ckpt_000006.pt")], capsys, "ckpt_000006.dcp exists already")
+
+
+def test_fsdp_without_torchrun_is_one_line_and_exit_status_2(data_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    expect_error(cli_args(data_dir, tmp_path / "run", parallel="fsdp"), capsys, "--parallel fsdp", "torchrun")
