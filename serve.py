@@ -571,7 +571,10 @@ class Handler(BaseHTTPRequestHandler):
     def handle_one_request(self):
         self.reader.deadline = time.monotonic() + self.server.cfg.request_timeout  # the wait for it included
         self.body_read = False
-        super().handle_one_request()
+        try:
+            super().handle_one_request()
+        except (ConnectionResetError, BrokenPipeError):  # the client left: nothing to answer, no traceback
+            self.close_connection = True
 
     def parse_request(self):
         try:

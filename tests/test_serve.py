@@ -10,6 +10,7 @@ import http.client
 import json
 import os
 import socket
+import struct
 import threading
 import time
 
@@ -785,3 +786,15 @@ def test_a_request_must_arrive_whole_within_request_timeout(chat):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_client_that_resets_its_connection_leaves_no_traceback(chat, capsys):
+    for partial in (b"", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"):
+        s = socket.create_connection(("127.0.0.1", chat["port"]), timeout=TIMEOUT)
+        s.sendall(partial)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close with a reset
+        s.close()
+    time.sleep(0.5)
+    assert "Traceback" not in capsys.readouterr().err
+    assert chat["client"].chat.completions.create(model="tiny-chat", messages=prompt_of(chat["tok"]),
+                                                  max_tokens=2).choices  # still serving
