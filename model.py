@@ -415,9 +415,13 @@ def draw(probs, u):
     return torch.searchsorted(cdf, u * cdf[:, -1:], right=True)  # (B, 1)
 
 
+# A temperature below this samples greedily: logits / 1e-40 overflow to inf and the softmax to NaN (vLLM's bound).
+GREEDY_BELOW = 1e-5
+
+
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from logits (B, V); temperature 0 means greedy (argmax)."""
-    if temperature == 0:
+    """One token id per row from logits (B, V); temperature 0 (or below GREEDY_BELOW) means greedy (argmax)."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = filter_logits(logits.float() / temperature, top_k, top_p)
     u = torch.rand(logits.size(0), 1, generator=generator, device=logits.device)
@@ -817,6 +821,7 @@ class Sequence:
     (the last one not yet fed to the model). `row` is its row of the batch's cache, None once removed."""
 
     def __init__(self, temperature, top_k, top_p, generator):
+        temperature = temperature if temperature >= GREEDY_BELOW else 0  # greedy, as in sample_next
         self.temperature, self.top_k, self.top_p, self.generator = temperature, top_k, top_p, generator
         self.tokens, self.row = [], None
 

@@ -278,7 +278,6 @@ def parse_job(kind, body, tokenizer, block_size, cfg, model_id):
     max_tokens = max_tokens or min(room, cfg.max_tokens or room)
     number = (int, float)
     temperature = field(body, "temperature", number, 1.0, lambda v: 0 <= v <= 2, "a number from 0 to 2")
-    temperature = temperature if temperature >= 1e-5 else 0.0  # greedy below 1e-5, as vLLM: logits/1e-40 overflow
     top_p = field(body, "top_p", number, 1.0, lambda v: 0 < v <= 1, "a number above 0, at most 1")
     top_k = field(body, "top_k", int, 0, lambda v: v >= 0, "an integer of at least 0 (0 = off)")
     seed = field(body, "seed", int, None, lambda v: 0 <= v < 2**63, "an integer from 0 to 2^63-1")

@@ -191,6 +191,18 @@ def test_draw_follows_the_probabilities_and_never_draws_a_zero():
     assert abs((unnormalised == 2).float().mean().item() - 0.75) < 5e-3 and not (unnormalised == 1).any()
 
 
+def test_a_temperature_near_zero_is_greedy_not_nan():
+    model = random_model(small_config())
+    prompt = torch.tensor([[1, 2, 3]])
+    greedy = model.generate(prompt, 6, temperature=0)
+    assert torch.equal(model.generate(prompt, 6, temperature=1e-40, seed=0), greedy)  # logits / 1e-40 overflow
+    batch = DecodeBatch(model, 1)
+    seq = batch.add([1, 2, 3], temperature=1e-40, seed=0)[0]
+    for _ in range(5):
+        batch.step()
+    assert seq.tokens == greedy[0, 3:].tolist()
+
+
 def test_generate_with_a_tiny_top_p_is_greedy():
     model = random_model(small_config())
     prompt = torch.tensor([[1, 2], [3, 4]])
